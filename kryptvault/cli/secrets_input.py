@@ -1,0 +1,195 @@
+"""Reading passwords and recovery keys without them ever becoming Python `str` objects.
+
+Sources: the controlling terminal (echo off), an inherited file descriptor, or a file.
+Never argv and never the environment: both are readable by other processes via /proc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import termios
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from kryptvault.crypto.secret import Secret, constant_time_equal
+from kryptvault.errors import UsageError
+
+MAX_SECRET_INPUT = 1024
+MIN_PASSWORD_CHARS = 10
+_COMMON = {
+    b"password",
+    b"passw0rd",
+    b"password1",
+    b"password123",
+    b"1234567890",
+    b"0123456789",
+    b"qwertyuiop",
+    b"qwertzuiop",
+    b"azertyuiop",
+    b"iloveyou",
+    b"letmein123",
+    b"abcdefghij",
+    b"administrator",
+    b"trustno1",
+    b"kryptvault",
+    b"correcthorse",
+}
+
+
+@dataclass(frozen=True)
+class SecretSource:
+    """Where a secret comes from, as the user gave it on the command line."""
+
+    fd: int | None = None
+    file: Path | None = None
+
+    @property
+    def scripted(self) -> bool:
+        return self.fd is not None or self.file is not None
+
+
+def _strip_newline(buf: bytearray) -> None:
+    while buf and buf[-1] in (0x0A, 0x0D):
+        buf.pop()
+
+
+def _read_stream(fd: int, what: str) -> Secret:
+    buf = bytearray(MAX_SECRET_INPUT + 1)
+    filled = 0
+    try:
+        with memoryview(buf) as view:
+            while filled < len(buf):
+                got = os.readv(fd, [view[filled:]])
+                if got == 0:
+                    break
+                newline = buf.find(b"\n", filled, filled + got)
+                filled += got
+                if newline >= 0:
+                    filled = newline
+                    break
+        if filled > MAX_SECRET_INPUT:
+            raise UsageError(f"the {what} is longer than {MAX_SECRET_INPUT} bytes")
+        line = bytearray(buf[:filled])
+        _strip_newline(line)
+        try:
+            return _from_line(line)
+        finally:
+            line[:] = bytes(len(line))
+    finally:
+        buf[:] = bytes(len(buf))
+
+
+def _from_line(line: bytearray) -> Secret:
+    # A zero-length Secret cannot exist (mmap of 0 bytes); an empty input becomes a
+    # one-byte secret flagged as empty so that the strength check can name the problem.
+    if not line:
+        return EmptySecret()
+    return Secret.from_bytes(line)
+
+
+class EmptySecret(Secret):
+    def __init__(self) -> None:
+        super().__init__(1)
+
+    def __len__(self) -> int:
+        return 0
+
+    def view(self) -> memoryview:
+        return super().view()[:0]
+
+
+def read_from_fd(fd: int, what: str) -> Secret:
+    try:
+        return _read_stream(fd, what)
+    except OSError as exc:
+        raise UsageError(f"cannot read the {what} from file descriptor {fd}: {exc.strerror}")
+
+
+def read_from_file(path: Path, what: str) -> Secret:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"cannot read the {what} file {path}: {exc.strerror}")
+    try:
+        return _read_stream(fd, what)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _terminal() -> Iterator[int]:
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        raise UsageError("no terminal to ask for the password: use --password-fd N or --password-file PATH")
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def read_from_terminal(prompt: str) -> Secret:
+    with _terminal() as tty:
+        old = termios.tcgetattr(tty)
+        silent = list(old)
+        silent[3] &= ~(termios.ECHO | termios.ECHONL)
+        os.write(tty, prompt.encode())
+        termios.tcsetattr(tty, termios.TCSAFLUSH, silent)
+        try:
+            return _read_stream(tty, "password")
+        finally:
+            termios.tcsetattr(tty, termios.TCSAFLUSH, old)
+            os.write(tty, b"\n")
+
+
+def read_secret(source: SecretSource, prompt: str, what: str = "password") -> Secret:
+    if source.fd is not None:
+        return read_from_fd(source.fd, what)
+    if source.file is not None:
+        return read_from_file(source.file, what)
+    return read_from_terminal(prompt)
+
+
+def read_new_password(source: SecretSource, prompt: str = "New password: ") -> Secret:
+    """Ask twice on a terminal (once when scripted), then apply the strength rules."""
+    password = read_secret(source, prompt)
+    try:
+        if not source.scripted:
+            with read_from_terminal("Repeat the password: ") as again:
+                if not password.equals(again):
+                    raise UsageError("the two passwords differ")
+        check_password_strength(password)
+    except BaseException:
+        password.wipe()
+        raise
+    return password
+
+
+def check_password_strength(password: Secret) -> None:
+    """Refuse empty and guessable passwords, saying why (the rules are in README.md)."""
+    with password.view() as raw:
+        if len(raw) == 0:
+            raise UsageError("the password is empty")
+        chars = sum(1 for b in raw if b & 0xC0 != 0x80)  # UTF-8 characters, without decoding
+        if chars < MIN_PASSWORD_CHARS:
+            raise UsageError(
+                f"the password is too short: use at least {MIN_PASSWORD_CHARS} characters "
+                "(a few random words work well)"
+            )
+        if len(set(raw)) < 5:
+            raise UsageError("the password is too repetitive: use at least 5 different characters")
+        copied = bytearray(raw)
+        lowered = copied.lower()
+        copied[:] = bytes(len(copied))
+    try:
+        if any(constant_time_equal(lowered, common) for common in _COMMON) or _is_sequence(lowered):
+            raise UsageError("the password is too common or a simple sequence")
+    finally:
+        lowered[:] = bytes(len(lowered))
+
+
+def _is_sequence(raw: bytearray) -> bool:
+    steps = {raw[i + 1] - raw[i] for i in range(len(raw) - 1)}
+    return len(steps) == 1 and steps.pop() in (-1, 0, 1)

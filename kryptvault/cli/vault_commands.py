@@ -1,0 +1,373 @@
+"""Commands on the container and its keyslots: init, info, passwd, recovery-key, slot."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import click
+
+from kryptvault.cli.app import cli
+from kryptvault.cli.options import (
+    container_argument,
+    password_options,
+    password_source,
+    recovery_asker,
+    recovery_options,
+    token_option,
+)
+from kryptvault.cli.secrets_input import read_new_password, read_secret
+from kryptvault.container.header import KIND_TOKEN_PASSWORD, Header, Keyslot
+from kryptvault.container.keyslots import (
+    format_recovery_key,
+    new_password_slot,
+    new_recovery_key,
+    new_recovery_slot,
+)
+from kryptvault.container.vault import (
+    create_container,
+    free_slot_index,
+    header_lock,
+    open_container_fd,
+    read_container_header,
+    replace_slot,
+    write_header_copies,
+)
+from kryptvault.crypto.kdf import MIN_MEMORY_KIB, Argon2Params, calibrate
+from kryptvault.crypto.secret import harden_process
+from kryptvault.errors import KryptvaultError, UsageError
+from kryptvault.session.mkfs import initialise_filesystem
+from kryptvault.session.unlock import Unlocked, token_factor, unlock_container
+from kryptvault.token.base import TokenIdentity
+from kryptvault.token.resolve import resolve_token
+from kryptvault.token.share import Share
+
+
+def kdf_options(f: click.decorators.FC) -> click.decorators.FC:
+    f = click.option(
+        "--kdf-memory-mib",
+        type=click.IntRange(8, 4096),
+        metavar="MIB",
+        help="Argon2id memory (default: 256 MiB, or half the free memory if less).",
+    )(f)
+    f = click.option(
+        "--kdf-time-ms",
+        type=click.IntRange(10, 60000),
+        metavar="MS",
+        help="Target Argon2id time at unlock on this machine (default: 1000).",
+    )(f)
+    return f
+
+
+def choose_kdf(kdf_time_ms: int | None, kdf_memory_mib: int | None) -> Argon2Params:
+    memory = kdf_memory_mib * 1024 if kdf_memory_mib else None
+    return calibrate((kdf_time_ms or 1000) / 1000, max(memory, MIN_MEMORY_KIB) if memory else None)
+
+
+def unlock_for_change(
+    container: Path,
+    token_spec: str | None,
+    password_fd: int | None,
+    password_file: Path | None,
+    recovery: bool,
+    recovery_key_file: Path | None,
+) -> Unlocked:
+    harden_process()
+    source = password_source(password_fd, password_file)
+    return unlock_container(
+        container,
+        token_spec=token_spec,
+        ask_password=lambda: read_secret(source, "Password: "),
+        ask_recovery_key=recovery_asker(recovery, recovery_key_file),
+    )
+
+
+def _remove_share_quietly(token_share_dir: Path, vault_uuid: uuid.UUID) -> None:
+    from kryptvault.token.share import share_path
+
+    with contextlib.suppress(OSError):
+        share_path(token_share_dir, vault_uuid).unlink()
+
+
+@cli.command()
+@container_argument
+@token_option()
+@password_options
+@kdf_options
+@click.option("--label", default="primary", show_default=True, help="A name for the first keyslot.")
+@click.option("--force", is_flag=True, help="Overwrite an existing container file.")
+def init(
+    container: Path,
+    token_spec: str | None,
+    password_fd: int | None,
+    password_file: Path | None,
+    kdf_time_ms: int | None,
+    kdf_memory_mib: int | None,
+    label: str,
+    force: bool,
+) -> None:
+    """Create a new vault in CONTAINER, opened by your password and the token.
+
+    Asks for the password twice, calibrates Argon2id to about one second here, writes
+    the token's share file, and prints the vault UUID.
+    """
+    harden_process()
+    if container.exists() and not force:
+        raise UsageError(f"{container} already exists (use --force to overwrite it)")
+    token = resolve_token(token_spec or "auto")
+    vault_uuid = uuid.uuid4()
+    password = read_new_password(password_source(password_fd, password_file))
+    with password:
+        params = choose_kdf(kdf_time_ms, kdf_memory_mib)
+        share = Share.generate(vault_uuid)
+        try:
+            token.write_share(share)
+            try:
+                factor = token_factor(token, share)
+                with factor.secret:
+                    create_container(
+                        container,
+                        lambda vid, master: new_password_slot(
+                            vid, 0, master, password, factor, params, label
+                        ),
+                        initialise_filesystem,
+                        force=force,
+                        vault_uuid=vault_uuid,
+                    )
+            except BaseException:
+                _remove_share_quietly(token.share_dir, vault_uuid)
+                raise
+        finally:
+            share.wipe()
+    click.echo(f"created vault {vault_uuid} in {container}")
+    click.echo(f"token: {token.identity.describe()}")
+    click.echo(f"Argon2id: t={params.time_cost} m={params.memory_kib // 1024} MiB p={params.parallelism}")
+
+
+def _slot_record(index: int, slot: Keyslot) -> dict[str, object]:
+    record: dict[str, object] = {
+        "slot": index,
+        "kind": slot.kind_name,
+        "created": datetime.datetime.fromtimestamp(slot.created, datetime.UTC).isoformat(timespec="seconds"),
+        "label": slot.label,
+    }
+    if slot.kdf is not None:
+        record["kdf"] = {
+            "algorithm": "argon2id",
+            "time_cost": slot.kdf.time_cost,
+            "memory_kib": slot.kdf.memory_kib,
+            "parallelism": slot.kdf.parallelism,
+        }
+    if slot.kind == KIND_TOKEN_PASSWORD:
+        try:
+            record["token"] = TokenIdentity.decode(slot.token_identity).describe()
+        except KryptvaultError:
+            record["token"] = "(unreadable identity)"  # noqa: S105
+    return record
+
+
+def _header_record(header: Header) -> dict[str, object]:
+    return {
+        "uuid": str(header.vault_uuid),
+        "format_version": header.version,
+        "cipher_suite": "AES-256-GCM, HKDF-SHA256, Argon2id",
+        "block_size": header.layout.block_size,
+        "header_sequence": header.sequence,
+        "created": datetime.datetime.fromtimestamp(header.created, datetime.UTC).isoformat(
+            timespec="seconds"
+        ),
+        "slots": [_slot_record(i, s) for i, s in header.active_slots()],
+    }
+
+
+def _print_slots(slots: list[dict[str, object]]) -> None:
+    for rec in slots:
+        line = f"  slot {rec['slot']}: {rec['kind']:<15} created {rec['created']}"
+        if rec.get("label"):
+            line += f"  label {rec['label']!s}"
+        click.echo(line)
+        if "kdf" in rec:
+            kdf = rec["kdf"]
+            assert isinstance(kdf, dict)
+            click.echo(
+                f"           argon2id t={kdf['time_cost']} m={kdf['memory_kib'] // 1024} MiB "
+                f"p={kdf['parallelism']}; token: {rec.get('token')}"
+            )
+
+
+@cli.command()
+@container_argument
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(container: Path, as_json: bool) -> None:
+    """Show the public header of CONTAINER (no secret needed, not authenticated)."""
+    read = read_container_header(container)
+    note = read.damage_note()
+    record = _header_record(read.header)
+    if as_json:
+        record["warning"] = note
+        click.echo(json.dumps(record, indent=2))
+        return
+    if note:
+        click.echo(f"warning: {note}", err=True)
+    click.echo(f"vault {record['uuid']}")
+    click.echo(f"  format version {record['format_version']}, {record['cipher_suite']}")
+    click.echo(
+        f"  block size {read.header.layout.block_size // 1024} KiB, header sequence "
+        f"{read.header.sequence}, created {record['created']}"
+    )
+    slots = record["slots"]
+    assert isinstance(slots, list)
+    click.echo(f"  {len(slots)} keyslot(s) in use of {len(read.header.slots)}:")
+    _print_slots(slots)
+
+
+def _rewrite_header(unlocked: Unlocked, header: Header) -> Header:
+    fd = open_container_fd(unlocked.path, writable=True)
+    try:
+        with header_lock(fd):
+            current = read_container_header(unlocked.path).header
+            if current.sequence != unlocked.header.sequence:
+                raise KryptvaultError("the header changed while this command ran; try again")
+            return write_header_copies(fd, header, unlocked.master)
+    finally:
+        os.close(fd)
+
+
+@cli.command()
+@container_argument
+@token_option()
+@password_options
+@click.option("--new-password-fd", type=int, metavar="N", help="Read the new password from fd N.")
+@click.option(
+    "--new-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Read the new password from this file.",
+)
+@click.option("--slot", "slot_index", type=int, help="The keyslot to change (default: the one that opens).")
+@kdf_options
+def passwd(
+    container: Path,
+    token_spec: str | None,
+    password_fd: int | None,
+    password_file: Path | None,
+    new_password_fd: int | None,
+    new_password_file: Path | None,
+    slot_index: int | None,
+    kdf_time_ms: int | None,
+    kdf_memory_mib: int | None,
+) -> None:
+    """Change the password of one token+password keyslot (no data is re-encrypted)."""
+    with unlock_for_change(container, token_spec, password_fd, password_file, False, None) as unlocked:
+        assert unlocked.token is not None and unlocked.share is not None
+        index = unlocked.slot if slot_index is None else slot_index
+        if index != unlocked.slot:
+            raise UsageError(f"the password and token given open slot {unlocked.slot}, not slot {index}")
+        old = unlocked.header.slots[index]
+        assert old is not None
+        params = (
+            old.kdf
+            if (kdf_time_ms is None and kdf_memory_mib is None)
+            else choose_kdf(kdf_time_ms, kdf_memory_mib)
+        )
+        assert params is not None
+        new_source = password_source(new_password_fd, new_password_file)
+        with read_new_password(new_source, "New password: ") as new_password:
+            factor = token_factor(unlocked.token, unlocked.share)
+            with factor.secret:
+                slot = new_password_slot(
+                    unlocked.vault_uuid, index, unlocked.master, new_password, factor, params, old.label
+                )
+        _rewrite_header(unlocked, replace_slot(unlocked.header, index, slot))
+    click.echo(f"password of slot {index} changed")
+
+
+@cli.group("recovery-key")
+def recovery_key() -> None:
+    """Recovery keys: open the vault without the token, e.g. when it is lost."""
+
+
+@recovery_key.command("add")
+@container_argument
+@token_option()
+@password_options
+@recovery_options
+@click.option("--label", default="recovery", show_default=True)
+def recovery_key_add(
+    container: Path,
+    token_spec: str | None,
+    password_fd: int | None,
+    password_file: Path | None,
+    recovery: bool,
+    recovery_key_file: Path | None,
+    label: str,
+) -> None:
+    """Add a recovery keyslot and print its key once, for writing down."""
+    with unlock_for_change(
+        container, token_spec, password_fd, password_file, recovery, recovery_key_file
+    ) as unlocked:
+        index = free_slot_index(unlocked.header)
+        with new_recovery_key() as key, format_recovery_key(key) as printable:
+            slot = new_recovery_slot(unlocked.vault_uuid, index, unlocked.master, key, label)
+            _rewrite_header(unlocked, replace_slot(unlocked.header, index, slot))
+            click.echo(f"recovery key added as slot {index}. Write it down and keep it away from the token;")
+            click.echo("it opens the vault on its own and is not shown again:")
+            sys.stdout.flush()
+            with printable.view() as text:
+                os.write(sys.stdout.fileno(), b"\n    " + bytes(text) + b"\n\n")
+
+
+@cli.group()
+def slot() -> None:
+    """List or remove keyslots."""
+
+
+@slot.command("list")
+@container_argument
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def slot_list(container: Path, as_json: bool) -> None:
+    """List the keyslots in use (public information; no secret needed)."""
+    read = read_container_header(container)
+    records = _header_record(read.header)["slots"]
+    assert isinstance(records, list)
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+    else:
+        _print_slots(records)
+
+
+@slot.command("remove")
+@container_argument
+@click.argument("slot_index", metavar="SLOT", type=int)
+@token_option()
+@password_options
+@recovery_options
+@click.option(
+    "--force", is_flag=True, help="Allow removing the last keyslot (the vault can then never be opened)."
+)
+def slot_remove(
+    container: Path,
+    slot_index: int,
+    token_spec: str | None,
+    password_fd: int | None,
+    password_file: Path | None,
+    recovery: bool,
+    recovery_key_file: Path | None,
+    force: bool,
+) -> None:
+    """Remove keyslot SLOT (proving access with any slot first)."""
+    read = read_container_header(container)
+    if not 0 <= slot_index < len(read.header.slots) or read.header.slots[slot_index] is None:
+        raise UsageError(f"slot {slot_index} is not in use")
+    if len(read.header.active_slots()) == 1 and not force:
+        raise UsageError("that is the last keyslot: removing it locks the vault forever (use --force)")
+    with unlock_for_change(
+        container, token_spec, password_fd, password_file, recovery, recovery_key_file
+    ) as unlocked:
+        _rewrite_header(unlocked, replace_slot(unlocked.header, slot_index, None))
+    click.echo(f"slot {slot_index} removed. Old copies of the header (in backups) still open with it;")
+    click.echo("if its token was stolen together with the password, move the files into a new vault.")

@@ -1,0 +1,55 @@
+"""AES-256-GCM with random 96-bit nonces, the only cipher kryptvault uses."""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kryptvault.crypto.secret import Secret
+
+NONCE_LEN = 12
+TAG_LEN = 16
+
+
+class AuthenticationFailed(Exception):
+    """The ciphertext, nonce, tag or associated data does not match: damage or tampering."""
+
+
+def new_nonce() -> bytes:
+    # Random nonces: with at most 2**32 encryptions per key the collision chance stays
+    # below 2**-32 (NIST SP 800-38D, 8.3). FORMAT.md states that budget per key.
+    return os.urandom(NONCE_LEN)
+
+
+class Aead:
+    """An AES-256-GCM key. `cryptography` keeps its own copy of the key inside the
+    cipher object; that copy dies with the object and, for certain, with the process."""
+
+    __slots__ = ("_cipher",)
+
+    def __init__(self, key: Secret) -> None:
+        if len(key) != 32:
+            raise ValueError("AES-256-GCM needs a 32-byte key")
+        with key.view() as view:
+            self._cipher = AESGCM(view)
+
+    def seal(self, nonce: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
+        """Return ciphertext || 16-byte tag."""
+        return self._cipher.encrypt(nonce, plaintext, aad)
+
+    def open(self, nonce: bytes, sealed: bytes | bytearray | memoryview, aad: bytes) -> bytes:
+        try:
+            return self._cipher.decrypt(nonce, sealed, aad)
+        except InvalidTag:
+            raise AuthenticationFailed("authentication failed") from None
+
+    def open_into_secret(self, nonce: bytes, sealed: bytes, aad: bytes) -> Secret:
+        plain = self.open(nonce, sealed, aad)
+        try:
+            return Secret.from_bytes(plain)
+        finally:
+            from kryptvault.crypto.secret import scrub_bytes
+
+            scrub_bytes(plain)
