@@ -84,7 +84,9 @@ def slot_aad(uuid: bytes, slot: SpecSlot) -> bytes:
 
 def password_kek(uuid: bytes, slot: SpecSlot, password: bytes, token_secret: bytes, binding: bytes) -> bytes:
     stretched = hash_secret_raw(password, slot.salt, slot.t, slot.m, slot.p, 32, Type.ID, 0x13)
-    return hkdf(stretched + token_secret + binding, b"kryptvault-kek-v1", uuid + bytes([slot.index, slot.kind]))
+    return hkdf(
+        stretched + token_secret + binding, b"kryptvault-kek-v1", uuid + bytes([slot.index, slot.kind])
+    )
 
 
 def unwrap(uuid: bytes, slot: SpecSlot, kek: bytes) -> bytes:

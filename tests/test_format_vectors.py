@@ -27,7 +27,10 @@ def test_header_vector_matches_the_spec_computed_from_raw_primitives() -> None:
     assert slot.raw.hex() == EXPECTED["slot_bytes"]
     assert spec_reader.slot_aad(header.uuid, slot).hex() == EXPECTED["slot_aad"]
     kek = spec_reader.password_kek(
-        header.uuid, slot, INPUTS["password_utf8"].encode(), bytes.fromhex(INPUTS["token_secret"]),
+        header.uuid,
+        slot,
+        INPUTS["password_utf8"].encode(),
+        bytes.fromhex(INPUTS["token_secret"]),
         INPUTS["token_binding"].encode(),
     )
     assert kek.hex() == EXPECTED["kek"]
@@ -42,7 +45,8 @@ def test_our_code_opens_the_vector_header_with_the_vector_factors() -> None:
     header = decode_header(bytes.fromhex(EXPECTED["header_copy"]))
     assert header.sequence == INPUTS["header_sequence"]
     factor = TokenFactor(
-        Secret.from_bytes(bytes.fromhex(INPUTS["token_secret"])), INPUTS["token_binding"].encode(),
+        Secret.from_bytes(bytes.fromhex(INPUTS["token_secret"])),
+        INPUTS["token_binding"].encode(),
         INPUTS["token_identity"].encode(),
     )
     with Secret.from_bytes(INPUTS["password_utf8"].encode()) as password:

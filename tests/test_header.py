@@ -28,7 +28,12 @@ from kryptvault.container.keyslots import (
     unlock_with_password,
 )
 from kryptvault.container.layout import HEADER_OFFSETS, Layout
-from kryptvault.container.vault import create_container, read_container_header, replace_slot, write_header_copies
+from kryptvault.container.vault import (
+    create_container,
+    read_container_header,
+    replace_slot,
+    write_header_copies,
+)
 from kryptvault.crypto.kdf import Argon2Params
 from kryptvault.crypto.secret import Secret
 from kryptvault.errors import AuthenticationError, FormatError, IntegrityError
@@ -66,7 +71,9 @@ keyslots = st.builds(
     wrapped_key=st.binary(min_size=48, max_size=48),
     token_identity=st.binary(max_size=200),
     label=st.text(max_size=16),
-).map(lambda s: s if s.kind == KIND_TOKEN_PASSWORD else replace(s, kdf=None, salt=bytes(32), token_identity=b""))
+).map(
+    lambda s: s if s.kind == KIND_TOKEN_PASSWORD else replace(s, kdf=None, salt=bytes(32), token_identity=b"")
+)
 
 
 @given(
@@ -80,7 +87,9 @@ keyslots = st.builds(
 def test_every_header_decodes_to_what_was_encoded(
     slots: list[Keyslot | None], sequence: int, created: int, block_log2: int, mac: bytes
 ) -> None:
-    header = Header(uuid.uuid4(), sequence, created, Layout(block_size=1 << block_log2), tuple(slots), mac=mac)
+    header = Header(
+        uuid.uuid4(), sequence, created, Layout(block_size=1 << block_log2), tuple(slots), mac=mac
+    )
     raw = header.encode()
     assert len(raw) == HEADER_COPY_SIZE
     assert decode_header(raw) == header
@@ -143,7 +152,9 @@ def test_both_copies_damaged_is_a_clean_error(tmp_path: Path) -> None:
         (b"KRYPTVLT" + bytes(100), "truncated"),
     ],
 )
-def test_files_that_are_not_containers_are_refused_cleanly(tmp_path: Path, content: bytes, message: str) -> None:
+def test_files_that_are_not_containers_are_refused_cleanly(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
     path = tmp_path / "x"
     path.write_bytes(content)
     with pytest.raises(FormatError, match=message):

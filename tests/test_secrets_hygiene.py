@@ -65,7 +65,10 @@ def test_recovery_key_text_round_trips(raw: bytes) -> None:
 def test_recovery_keys_are_random_and_typos_are_rejected() -> None:
     with new_recovery_key() as a, new_recovery_key() as b:
         assert not a.equals(b)
-    with Secret.from_bytes(b"ABCD-EFGH-1JKL-MNOP-QRST-UVWX-YZ23-4567") as bad, pytest.raises(UsageError, match="alphabet"):
+    with (
+        Secret.from_bytes(b"ABCD-EFGH-1JKL-MNOP-QRST-UVWX-YZ23-4567") as bad,
+        pytest.raises(UsageError, match="alphabet"),
+    ):
         parse_recovery_key(bad)
     with Secret.from_bytes(b"ABCD-EFGH") as short, pytest.raises(UsageError, match="32 characters"):
         parse_recovery_key(short)

@@ -26,6 +26,9 @@ class KryptvaultGroup(click.Group):
             fail(ctx, str(exc), exc.exit_code)
         except KeyboardInterrupt:
             fail(ctx, "interrupted", 130)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            fail(ctx, exc.format_message() + hint, 2)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except OSError as exc:

@@ -135,8 +135,10 @@ def read_from_terminal(prompt: str) -> Secret:
         old = termios.tcgetattr(tty)
         silent = list(old)
         silent[3] &= ~(termios.ECHO | termios.ECHONL)
-        os.write(tty, prompt.encode())
+        # Echo goes off (discarding anything typed ahead) before the prompt appears, so
+        # an answer typed after the prompt is never lost.
         termios.tcsetattr(tty, termios.TCSAFLUSH, silent)
+        os.write(tty, prompt.encode())
         try:
             return _read_stream(tty, "password")
         finally:

@@ -316,9 +316,12 @@ def recovery_key_add(
             _rewrite_header(unlocked, replace_slot(unlocked.header, index, slot))
             click.echo(f"recovery key added as slot {index}. Write it down and keep it away from the token;")
             click.echo("it opens the vault on its own and is not shown again:")
-            sys.stdout.flush()
+            out = sys.stdout.buffer
             with printable.view() as text:
-                os.write(sys.stdout.fileno(), b"\n    " + bytes(text) + b"\n\n")
+                out.write(b"\n    ")
+                out.write(text)
+                out.write(b"\n\n")
+            out.flush()
 
 
 @cli.group()

@@ -39,6 +39,12 @@ class Aead:
         """Return ciphertext || 16-byte tag."""
         return self._cipher.encrypt(nonce, plaintext, aad)
 
+    def seal_into(
+        self, nonce: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes, out: bytearray | memoryview
+    ) -> None:
+        """Write ciphertext || tag into `out`, exactly len(plaintext) + 16 bytes (no copy)."""
+        self._cipher.encrypt_into(nonce, plaintext, aad, out)
+
     def open(self, nonce: bytes, sealed: bytes | bytearray | memoryview, aad: bytes) -> bytes:
         try:
             return self._cipher.decrypt(nonce, sealed, aad)

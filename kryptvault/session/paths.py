@@ -8,7 +8,7 @@ from pathlib import Path
 
 def runtime_dir() -> Path:
     """Per-user, private, tmpfs-backed: control sockets live here."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/kryptvault-{os.getuid()}"  # noqa: S108
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/kryptvault-{os.getuid()}"
     path = Path(base) / "kryptvault"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     _ensure_private(path)

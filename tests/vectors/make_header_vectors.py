@@ -58,12 +58,20 @@ def build() -> dict[str, object]:
     stretched = argon2id(password, salt, kdf)
     kek = derive_password_kek(vault_uuid, index, salt, kdf, password, factor)
     template = Keyslot(
-        KIND_TOKEN_PASSWORD, int(INPUTS["slot_created"]), kdf, salt, bytes(12), bytes(48),  # type: ignore[call-overload]
-        factor.identity, str(INPUTS["label"]),
+        KIND_TOKEN_PASSWORD,
+        int(INPUTS["slot_created"]),
+        kdf,
+        salt,
+        bytes(12),
+        bytes(48),  # type: ignore[call-overload]
+        factor.identity,
+        str(INPUTS["label"]),
     )
     slot = seal_slot(vault_uuid, index, template, kek, master, bytes.fromhex(str(INPUTS["wrap_nonce"])))
     header = Header(
-        vault_uuid, int(INPUTS["header_sequence"]), int(INPUTS["header_created"]),  # type: ignore[call-overload]
+        vault_uuid,
+        int(INPUTS["header_sequence"]),
+        int(INPUTS["header_created"]),  # type: ignore[call-overload]
         Layout(block_size=int(INPUTS["block_size"])),  # type: ignore[call-overload]
         (slot,) + (None,) * (SLOT_COUNT - 1),
     )
@@ -73,11 +81,17 @@ def build() -> dict[str, object]:
         "kek": _hex(kek),
         "slot_bytes": slot.encode().hex(),
         "slot_aad": slot.associated_data(vault_uuid, index).hex(),
-        **{f"k_{purpose}": _hex(subkey(master, purpose.encode(), vault_uuid)) for purpose in ("header", "data", "meta")},
+        **{
+            f"k_{purpose}": _hex(subkey(master, purpose.encode(), vault_uuid))
+            for purpose in ("header", "data", "meta")
+        },
         "header_copy": header.encode().hex(),
     }
-    return {"description": "docs/FORMAT.md sections 2 and 3: one header copy with one token+password keyslot",
-            "inputs": INPUTS, "expected": expected}
+    return {
+        "description": "docs/FORMAT.md sections 2 and 3: one header copy with one token+password keyslot",
+        "inputs": INPUTS,
+        "expected": expected,
+    }
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1154 @@
+"""Copy-on-write encrypted object store over the data area of one container file.
+
+docs/FORMAT-store.md documents every byte; in short:
+
+* objects (oid u64, 0 = the object table) own two byte streams and a 128-byte attr blob;
+* a stream is a radix tree of 64 KiB blocks; block pointers carry unit, length, nonce and
+  GCM tag, so every block is authenticated by its parent up to the commit record;
+* nothing referenced by the last durable commit is ever overwritten; a commit writes the
+  changed blocks bottom-up, syncs, then writes the alternate commit slot and syncs again;
+* free space is not stored: open() walks the metadata of every tree and rebuilds it.
+
+Thread safety: every public method holds one RLock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from kryptvault.container import pointer as fmt
+from kryptvault.container.alloc import UnitMap
+from kryptvault.container.commit import CommitRecord, read_latest_commit, seal_commit
+from kryptvault.container.groups import (
+    GroupGeometry,
+    changed_chunks_since,
+    decode_descriptor,
+    encode_descriptor,
+)
+from kryptvault.container.layout import COMMIT_OFFSETS, COMMIT_SLOT_SIZE, Layout
+from kryptvault.crypto.aead import Aead, AuthenticationFailed
+from kryptvault.crypto.secret import Secret
+from kryptvault.errors import FormatError, IntegrityError, KryptvaultError
+
+__all__ = [
+    "BlockIntegrityError",
+    "Damage",
+    "NonceBudgetExhausted",
+    "ObjectStore",
+    "StoreClosed",
+    "StoreStats",
+    "UnknownObject",
+    "changed_chunks_since",
+]
+
+HOLE = fmt.HOLE
+PTR = fmt.POINTER_SIZE
+NONCE_BUDGET = 2**32  # encryptions per key with random 96-bit nonces (NIST SP 800-38D 8.3)
+DEFAULT_DIRTY_LIMIT = 64 * 1024 * 1024
+DEFAULT_CACHE_LIMIT = 32 * 1024 * 1024
+MAX_STREAM_SIZE = 2**63 - 1
+CRASH_ENV = "KRYPTVAULT_TEST_CRASH_AFTER_WRITES"
+_WRITE_BATCH_BYTES = 4 * 1024 * 1024
+_POOL_MAX = 64  # spare full-size block buffers kept to avoid page-fault churn
+_WRITE_BATCH_IOVECS = 512
+_KEEP_CLEAN_STREAMS = 4096
+
+
+class BlockIntegrityError(IntegrityError):
+    """A block failed to authenticate or its pointer is malformed. Names what was hit."""
+
+    def __init__(self, oid: int, stream: int, level: int, index: int, reason: str) -> None:
+        self.oid, self.stream, self.level, self.index, self.reason = oid, stream, level, index, reason
+        what = "block" if level == 0 else f"indirect block (level {level})"
+        super().__init__(f"object {oid} stream {stream}: {what} {index}: {reason}")
+
+
+class NonceBudgetExhausted(KryptvaultError):
+    """The data or meta key has been used for 2**32 encryptions; the vault must be rekeyed."""
+
+
+class UnknownObject(KryptvaultError, LookupError):
+    """The oid is not in use."""
+
+
+class StoreClosed(KryptvaultError):
+    """The store was closed (or failed a sync and refuses further writes)."""
+
+
+@dataclass(frozen=True)
+class Damage:
+    oid: int
+    stream: int
+    level: int  # 0 = data block, >= 1 indirect block; -1 = not tied to one block
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    block_size: int
+    unit_size: int
+    total_units: int  # size of the data area
+    free_units: int  # allocatable now
+    used_units: int  # total - free: live data, metadata, descriptors, frees awaiting commit
+    pending_units: int  # freed in the running transaction (or held for a backup)
+    objects: int
+    container_bytes: int
+
+
+class _Stream:
+    __slots__ = ("depth", "dirty", "meta_dirty", "oid", "root", "size", "stream")
+
+    def __init__(self, oid: int, stream: int, size: int, depth: int, root: bytes) -> None:
+        self.oid = oid
+        self.stream = stream
+        self.size = size
+        self.depth = depth
+        self.root = root  # pointer to the last flushed version of block (depth, 0)
+        # (level, index) -> full-size plaintext that supersedes the flushed version.
+        # Invariant: if (L, i) is dirty and L < depth then (L + 1, i // fanout) is dirty.
+        self.dirty: dict[tuple[int, int], bytearray] = {}
+        self.meta_dirty = False  # size/depth/root differ from the table entry
+
+
+class _Writer:
+    """Collects sealed blocks bound for consecutive units and writes each run with one
+    pwrite. With `Aead.seal_into` the ciphertext goes straight into a reusable staging
+    buffer (no allocation per block); otherwise sealed buffers are gathered for pwritev."""
+
+    __slots__ = ("_bufs", "_bytes", "_next", "_seal", "_seal_into", "_stage", "_start", "_store")
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+        self._seal = store._data.seal
+        self._seal_into = store._seal_into
+        self._stage = store._staging() if self._seal_into is not None else None
+        self._bufs: list[memoryview] = []
+        self._start = -1
+        self._next = -1
+        self._bytes = 0
+
+    def seal(self, unit: int, units: int, nonce: bytes, plain: memoryview, aad: bytes) -> bytes:
+        """Encrypt `plain` for `unit`, queue the ciphertext, return the tag."""
+        length = len(plain)
+        if self._bytes and (
+            unit != self._next
+            or self._bytes + length > _WRITE_BATCH_BYTES
+            or len(self._bufs) >= _WRITE_BATCH_IOVECS
+        ):
+            self.flush()
+        if not self._bytes:
+            self._start = unit
+        if self._stage is not None and self._seal_into is not None:
+            out = self._stage[self._bytes : self._bytes + length + 16]
+            self._seal_into(nonce, plain, aad, out)
+            tag = bytes(out[length:])
+        else:
+            sealed = self._seal(nonce, plain, aad)
+            tag = sealed[length:]
+            self._bufs.append(memoryview(sealed)[:length])
+        self._bytes += length
+        self._next = unit + units
+        return tag
+
+    def flush(self) -> None:
+        if self._bytes:
+            offset = self._store.layout.unit_offset(self._start)
+            if self._stage is not None:
+                self._store._pwrite([self._stage[: self._bytes]], offset)
+            else:
+                self._store._pwrite(self._bufs, offset)
+                self._bufs = []
+            self._bytes = 0
+
+
+class ObjectStore:
+    ATTR_SIZE: int = fmt.ATTR_SIZE
+
+    # ------------------------------------------------------------------ construction
+    def __init__(
+        self,
+        fd: int,
+        layout: Layout,
+        vault_uuid: uuid.UUID,
+        data_key: Secret,
+        meta_key: Secret,
+        *,
+        dirty_limit: int,
+        cache_limit: int,
+        read_only: bool,
+    ) -> None:
+        self._fd = fd
+        self.layout = layout
+        self._uuid = vault_uuid.bytes
+        self._data = Aead(data_key)
+        self._meta = Aead(meta_key)
+        self._lock = threading.RLock()
+        bs, us = layout.block_size, layout.unit_size
+        self._bs = bs
+        self._us = us
+        self._upc = bs // us
+        self._fanout = bs // PTR
+        self._epb = bs // fmt.ENTRY_SIZE
+        self._geom = GroupGeometry(bs, us)
+        self._cpg = self._geom.chunks_per_group
+        self._units = UnitMap(self._geom.units_per_group, self._upc)
+        caps = [1]
+        while caps[-1] * bs < 2**64:
+            caps.append(caps[-1] * self._fanout)
+        self._cap = caps  # data blocks addressable by a tree of depth d
+        self._max_depth = len(caps) - 1
+        self._zero = bytes(bs)
+        self._zero_view = memoryview(self._zero)
+        self._dirty_limit = dirty_limit
+        self._cache_limit = cache_limit
+        self._cache: OrderedDict[bytes, bytes | bytearray] = OrderedDict()
+        self._cache_bytes = 0
+        self._pool: list[bytearray] = []
+        self._pool_max = max(_POOL_MAX, dirty_limit // bs)
+        self._stage: memoryview | None = None
+        self._scratch = bytearray(bs + 16)
+        # Optional zero-copy AEAD entry point (Aead.seal_into) when available.
+        self._seal_into = getattr(self._data, "seal_into", None)
+        self._streams: dict[tuple[int, int], _Stream] = {}
+        self._dirty_streams: dict[tuple[int, int], _Stream] = {}
+        self._dirty_bytes = 0
+        self._flushed_bytes = 0  # ciphertext written in this transaction
+        self._txn_dirty = False
+        self._touched: set[int] = set()  # global chunk numbers written in this transaction
+        self._descriptors: dict[int, array] = {}  # type: ignore[type-arg]
+        self._inuse = bytearray(1)  # per oid: 0 free, 1 in use, 2 unknown (table damaged)
+        self._table = _Stream(0, 0, fmt.ENTRY_SIZE, 0, HOLE)
+        self._enc_count = 0
+        self.generation = 0
+        self._writes = 0
+        crash = os.environ.get(CRASH_ENV)
+        self._crash_after = int(crash) if crash else 0
+        self._read_only = read_only
+        self._failed: str | None = None
+        self._open_damage: list[Damage] = []
+        self._closed = False
+
+    @classmethod
+    def create(
+        cls,
+        fd: int,
+        layout: Layout,
+        vault_uuid: uuid.UUID,
+        data_key: Secret,
+        meta_key: Secret,
+        *,
+        dirty_limit: int = DEFAULT_DIRTY_LIMIT,
+        cache_limit: int = DEFAULT_CACHE_LIMIT,
+    ) -> ObjectStore:
+        """Write generation 1 (an object table holding only entry 0) into `fd`."""
+        self = cls(fd, layout, vault_uuid, data_key, meta_key,
+                   dirty_limit=dirty_limit, cache_limit=cache_limit, read_only=False)
+        with self._lock:
+            self._resize(self._upc + 256)  # group 0's descriptor + 1 MiB
+            self._pwrite([bytes(COMMIT_SLOT_SIZE)], COMMIT_OFFSETS[0])
+            self._touched.add(0)
+            self._txn_dirty = True
+            self.commit()
+        return self
+
+    @classmethod
+    def open(
+        cls,
+        fd: int,
+        layout: Layout,
+        vault_uuid: uuid.UUID,
+        data_key: Secret,
+        meta_key: Secret,
+        *,
+        dirty_limit: int = DEFAULT_DIRTY_LIMIT,
+        cache_limit: int = DEFAULT_CACHE_LIMIT,
+        read_only: bool = False,
+    ) -> ObjectStore:
+        """Open the last durable commit. If metadata is damaged (see `open_damage`) the
+        store opens read-only: free space cannot be known, so nothing may be written."""
+        self = cls(fd, layout, vault_uuid, data_key, meta_key,
+                   dirty_limit=dirty_limit, cache_limit=cache_limit, read_only=read_only)
+        with self._lock:
+            self._load()
+        return self
+
+    def _load(self) -> None:
+        rec = read_latest_commit(self._fd, self._meta, self._uuid)
+        if rec.block_size != self._bs or rec.unit_size != self._us:
+            raise FormatError(
+                f"commit record says block/unit size {rec.block_size}/{rec.unit_size}, "
+                f"header says {self._bs}/{self._us}"
+            )
+        self.generation = rec.generation
+        self._enc_count = rec.encryptions
+        size, depth, root = fmt.unpack_root(rec.table_root)
+        if depth > self._max_depth or size % fmt.ENTRY_SIZE:
+            raise IntegrityError("commit record holds a malformed object-table root")
+        self._table = _Stream(0, 0, size, depth, root)
+        file_units = max(0, (os.fstat(self._fd).st_size - self.layout.data_offset) // self._us)
+        total = rec.total_units
+        if file_units < total:
+            self._open_damage.append(Damage(0, 0, -1, 0,
+                f"container is {total - file_units} units shorter than its last commit says"))
+        self._resize(max(total, file_units), grow_file=False)
+        damage = self._open_damage
+        self._mark_tree(0, 0, depth, 0, root)
+        n_entries = size // fmt.ENTRY_SIZE
+        inuse = bytearray(max(n_entries, 1))
+        epb, esz = self._epb, fmt.ENTRY_SIZE
+        r0, r1 = fmt.ROOT_OFFSETS
+        for b in range(-(-n_entries // epb)):
+            first = b * epb
+            count = min(epb, n_entries - first)
+            try:
+                blk = self._data_block(self._table, b)
+            except BlockIntegrityError as exc:
+                damage.append(Damage(0, 0, exc.level, exc.index, exc.reason))
+                inuse[first : first + count] = b"\x02" * count
+                continue
+            if blk is None:
+                continue
+            for i in range(min(count, len(blk) // esz)):
+                base = i * esz
+                if not blk[base] & fmt.ENTRY_IN_USE:
+                    continue
+                oid = first + i
+                if oid == 0:
+                    damage.append(Damage(0, 0, -1, 0, "object-table entry 0 is marked in use"))
+                    continue
+                inuse[oid] = 1
+                for st, off in ((0, r0), (1, r1)):
+                    _ssize, sdepth, sroot = fmt.unpack_root(blk, base + off)
+                    if sdepth > self._max_depth:
+                        damage.append(Damage(oid, st, -1, 0, f"stream root has depth {sdepth}"))
+                        continue
+                    self._mark_tree(oid, st, sdepth, 0, sroot)
+        self._inuse = inuse
+        if damage:
+            self._read_only = True
+
+    def _ptr_problem(self, ptr: bytes) -> str | None:
+        unit, units, flags, _n, _t = fmt.unpack_pointer(ptr)
+        if unit == 0:
+            return "malformed block pointer (hole with nonzero fields)"
+        if flags:
+            return f"block pointer has unknown flags {flags:#x}"
+        if not 1 <= units <= self._upc:
+            return f"block pointer has bad stored length {units}"
+        if unit + units > self._units.total:
+            return f"block pointer to units {unit}+{units} beyond the container"
+        if self._units.is_descriptor(unit, units):
+            return f"block pointer to units {unit}+{units} overlaps a group descriptor"
+        return None
+
+    def _mark_tree(self, oid: int, stream: int, level: int, index: int, ptr: bytes) -> None:
+        """Open-time walk: mark units of every block reachable from `ptr`; read only
+        indirect blocks (and, via the caller, object-table blocks)."""
+        if ptr == HOLE:
+            return
+        problem = self._ptr_problem(ptr)
+        if problem is not None:
+            self._open_damage.append(Damage(oid, stream, level, index, problem))
+            return
+        unit, units = fmt.POINTER.unpack_from(ptr)[:2]
+        if not self._units.mark_used(unit, units):
+            self._open_damage.append(
+                Damage(oid, stream, level, index, f"units {unit}+{units} referenced twice"))
+        if level == 0:
+            return
+        try:
+            node = self._fetch(oid, stream, level, index, ptr)
+        except BlockIntegrityError as exc:
+            self._open_damage.append(Damage(oid, stream, level, index, exc.reason))
+            return
+        f = self._fanout
+        for c in range(min(f, len(node) // PTR)):
+            child = bytes(node[c * PTR : (c + 1) * PTR])
+            if child != HOLE:
+                self._mark_tree(oid, stream, level - 1, index * f + c, child)
+
+    # ------------------------------------------------------------------ low-level I/O
+    def _pwrite(self, bufs: list[memoryview] | list[bytes], offset: int) -> None:
+        total = sum(len(b) for b in bufs)
+        fd = self._fd
+        done = os.pwrite(fd, bufs[0], offset) if len(bufs) == 1 else os.pwritev(fd, bufs, offset)
+        if done != total:  # short write: finish it with one more call
+            rest = b"".join(bytes(b) for b in bufs)[done:]
+            while rest:
+                n = os.pwrite(self._fd, rest, offset + done)
+                done += n
+                rest = rest[n:]
+        self._writes += 1
+        if self._writes == self._crash_after:
+            os._exit(75)
+
+    def _sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def _resize(self, total: int, *, grow_file: bool = True) -> None:
+        upg, desc = self._geom.units_per_group, self._upc
+        within = total % upg
+        if 0 < within < desc:
+            total += desc - within  # never end inside a descriptor
+        for group in self._units.resize(total):
+            self._touched.add(group * self._cpg)
+        if grow_file:
+            self._grow_file(self.layout.unit_offset(total))
+
+    def _grow_file(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+
+    def _alloc(self, units: int) -> int:
+        unit = self._units.alloc(units)
+        while unit < 0:
+            total = self._units.total
+            self._resize(total + max(2 * units + self._upc, total // 8, 256))
+            unit = self._units.alloc(units)
+        return unit
+
+    def _staging(self) -> memoryview:
+        if self._stage is None:
+            self._stage = memoryview(bytearray(_WRITE_BATCH_BYTES + 16))
+        return self._stage
+
+    def _take_buffer(self) -> bytearray:
+        """A full-size block buffer with arbitrary content (recycled if possible).
+        Only write paths may call this: read paths hold views of cached buffers, which
+        the cache may have moved into the pool meanwhile."""
+        return self._pool.pop() if self._pool else bytearray(self._bs)
+
+    def _cache_put(self, ptr: bytes, plain: bytes | bytearray) -> None:
+        cache = self._cache
+        cache[ptr] = plain
+        self._cache_bytes += len(plain)
+        bs, pool = self._bs, self._pool
+        while self._cache_bytes > self._cache_limit and cache:
+            _k, old = cache.popitem(last=False)
+            self._cache_bytes -= len(old)
+            if type(old) is bytearray and len(old) == bs and len(pool) < self._pool_max:
+                pool.append(old)
+
+    def _cache_pop(self, ptr: bytes) -> bytes | bytearray | None:
+        hit = self._cache.pop(ptr, None)
+        if hit is not None:
+            self._cache_bytes -= len(hit)
+        return hit
+
+    def _read_disk(
+        self, oid: int, stream: int, level: int, index: int, ptr: bytes
+    ) -> bytes | bytearray:
+        """Read and authenticate one block from disk: its stored form (trailing zero units
+        stripped)."""
+        problem = self._ptr_problem(ptr)
+        if problem is not None:
+            raise BlockIntegrityError(oid, stream, level, index, problem)
+        unit, units, _flags, nonce, tag = fmt.unpack_pointer(ptr)
+        length = units * self._us
+        sealed = memoryview(self._scratch)[: length + 16]
+        got = os.preadv(self._fd, [sealed[:length]], self.layout.unit_offset(unit))
+        if got != length:
+            raise BlockIntegrityError(oid, stream, level, index, "block lies past the end of the container")
+        sealed[length:] = tag
+        aad = fmt.block_aad(self._uuid, oid, stream, level, index, length)
+        # Always fresh memory here, never a pooled buffer: a caller may still hold a view
+        # of a buffer that the cache evicted earlier in the same read.
+        try:
+            return self._data.open(nonce, sealed, aad)
+        except AuthenticationFailed:
+            raise BlockIntegrityError(oid, stream, level, index, "failed authentication") from None
+
+    def _fetch(self, oid: int, stream: int, level: int, index: int, ptr: bytes) -> bytes | bytearray:
+        hit = self._cache.get(ptr)
+        if hit is not None:
+            self._cache.move_to_end(ptr)
+            return hit
+        plain = self._read_disk(oid, stream, level, index, ptr)
+        self._cache_put(ptr, plain)
+        return plain
+
+    # ------------------------------------------------------------------ tree navigation
+    def _ptr_of(self, s: _Stream, level: int, index: int) -> bytes:
+        """The pointer to the last flushed version of block (level, index), or HOLE."""
+        depth = s.depth
+        if level == depth:
+            return s.root if index == 0 else HOLE
+        if level > depth or index >= self._cap[depth - level]:
+            return HOLE
+        f = self._fanout
+        parent = self._node(s, level + 1, index // f)
+        if parent is None:
+            return HOLE
+        off = (index % f) * PTR
+        if off >= len(parent):
+            return HOLE
+        return bytes(parent[off : off + PTR])
+
+    def _node(self, s: _Stream, level: int, index: int) -> bytes | bytearray | None:
+        """Current content of a block (dirty copy or authenticated stored form); None = hole."""
+        d = s.dirty.get((level, index))
+        if d is not None:
+            return d
+        ptr = self._ptr_of(s, level, index)
+        if ptr == HOLE:
+            return None
+        return self._fetch(s.oid, s.stream, level, index, ptr)
+
+    def _data_block(self, s: _Stream, index: int) -> bytes | bytearray | None:
+        d = s.dirty.get((0, index))
+        if d is not None:
+            return d
+        try:
+            ptr = self._ptr_of(s, 0, index)
+        except BlockIntegrityError as exc:
+            raise BlockIntegrityError(
+                s.oid, s.stream, 0, index,
+                f"unreadable: indirect block (level {exc.level}, index {exc.index}): {exc.reason}",
+            ) from None
+        if ptr == HOLE:
+            return None
+        return self._fetch(s.oid, s.stream, 0, index, ptr)
+
+    def _block_for_write(self, s: _Stream, level: int, index: int) -> bytearray:
+        """The dirty full-size copy of a block, creating it (and its ancestors') if needed."""
+        d = s.dirty.get((level, index))
+        if d is not None:
+            return d
+        ptr = self._ptr_of(s, level, index)
+        buf: bytearray
+        if ptr == HOLE:
+            buf = self._take_buffer()
+            buf[:] = self._zero
+        else:
+            cur = self._cache_pop(ptr)
+            if cur is None:
+                cur = self._read_disk(s.oid, s.stream, level, index, ptr)
+            if type(cur) is bytearray and len(cur) == self._bs:
+                buf = cur
+            else:
+                buf = self._take_buffer()
+                n = len(cur)
+                buf[:n] = cur
+                buf[n:] = self._zero_view[n:]
+        self._make_dirty(s, level, index, buf)
+        return buf
+
+    def _make_dirty(self, s: _Stream, level: int, index: int, buf: bytearray) -> None:
+        s.dirty[(level, index)] = buf
+        self._dirty_bytes += self._bs
+        if s is not self._table:
+            self._dirty_streams[(s.oid, s.stream)] = s
+        if level < s.depth:
+            parent = (level + 1, index // self._fanout)
+            if parent not in s.dirty:
+                self._block_for_write(s, *parent)
+
+    def _grow_depth(self, s: _Stream, last_index: int) -> None:
+        while last_index >= self._cap[s.depth]:
+            if s.depth >= self._max_depth:
+                raise ValueError("stream offset too large")
+            if s.root == HOLE and (s.depth, 0) not in s.dirty:
+                s.depth += 1  # empty tree: the taller empty tree needs no node
+            else:
+                node = bytearray(self._bs)
+                node[:PTR] = s.root
+                s.root = HOLE
+                s.depth += 1
+                s.dirty[(s.depth, 0)] = node
+                self._dirty_bytes += self._bs
+            s.meta_dirty = True
+
+    # ------------------------------------------------------------------ stream I/O
+    def _write_into(self, s: _Stream, offset: int, mv: memoryview) -> None:
+        n = len(mv)
+        bs = self._bs
+        end = offset + n
+        if (end - 1) // bs >= self._cap[s.depth]:
+            self._grow_depth(s, (end - 1) // bs)
+        dirty = s.dirty
+        pos = 0
+        while pos < n:
+            idx, boff = divmod(offset + pos, bs)
+            take = min(bs - boff, n - pos)
+            buf = dirty.get((0, idx))
+            if buf is None:
+                if take == bs:
+                    fresh = self._take_buffer()
+                    fresh[:] = mv[pos : pos + bs]
+                    self._make_dirty(s, 0, idx, fresh)
+                    pos += take
+                    continue
+                buf = self._block_for_write(s, 0, idx)
+            buf[boff : boff + take] = mv[pos : pos + take]
+            pos += take
+        if end > s.size:
+            s.size = end
+            s.meta_dirty = True
+        if s is not self._table:
+            self._dirty_streams[(s.oid, s.stream)] = s
+        self._txn_dirty = True
+
+    def _read_from(self, s: _Stream, offset: int, size: int) -> bytes:
+        if offset >= s.size or size <= 0:
+            return b""
+        end = min(offset + size, s.size)
+        bs = self._bs
+        parts: list[bytes | bytearray | memoryview] = []
+        pos = offset
+        while pos < end:
+            idx, boff = divmod(pos, bs)
+            take = min(bs - boff, end - pos)
+            blk = self._data_block(s, idx)
+            if blk is None:
+                parts.append(self._zero_view[:take])
+            else:
+                have = len(blk) - boff
+                if have >= take:
+                    parts.append(memoryview(blk)[boff : boff + take])
+                elif have > 0:
+                    parts.append(memoryview(blk)[boff:])
+                    parts.append(self._zero_view[: take - have])
+                else:
+                    parts.append(self._zero_view[:take])
+            pos += take
+        if len(parts) == 1:
+            return bytes(parts[0])
+        return b"".join(parts)
+
+    def _truncate(self, s: _Stream, size: int) -> None:
+        if size == s.size:
+            return
+        self._txn_dirty = True
+        s.meta_dirty = True
+        if s is not self._table:
+            self._dirty_streams[(s.oid, s.stream)] = s
+        if size > s.size:
+            s.size = size  # sparse: the tail of the last block is already zero
+            return
+        bs = self._bs
+        keep = -(-size // bs)
+        tail = size % bs
+        if tail and keep - 1 < self._cap[s.depth]:
+            idx = keep - 1
+            if (0, idx) in s.dirty or self._ptr_of(s, 0, idx) != HOLE:
+                buf = self._block_for_write(s, 0, idx)
+                buf[tail:] = self._zero_view[tail:]
+        self._drop_blocks(s, keep)
+        s.size = size
+
+    def _drop_blocks(self, s: _Stream, first: int) -> None:
+        """Free every data block >= first (and indirect blocks left empty); shrink depth."""
+        bs = self._bs
+        if first == 0:
+            self._free_subtree(s, s.depth, 0, s.root)
+            self._dirty_bytes -= bs * len(s.dirty)
+            s.dirty.clear()
+            s.root = HOLE
+            s.depth = 0
+            return
+        if s.depth >= 1 and first < self._cap[s.depth]:
+            self._drop_from(s, s.depth, 0, first)
+        cap = self._cap
+        for key in [k for k in s.dirty if k[1] * cap[k[0]] >= first]:
+            del s.dirty[key]
+            self._dirty_bytes -= bs
+        while s.depth > 0 and first <= cap[s.depth - 1]:
+            node: bytes | bytearray | None = s.dirty.pop((s.depth, 0), None)
+            if node is not None:
+                self._dirty_bytes -= bs
+            elif s.root != HOLE:
+                node = self._fetch(s.oid, s.stream, s.depth, 0, s.root)
+            child = bytes(node[:PTR]) if node is not None and len(node) >= PTR else HOLE
+            if s.root != HOLE:
+                self._units.free(*fmt.POINTER.unpack_from(s.root)[:2])
+            s.root = child
+            s.depth -= 1
+
+    def _drop_from(self, s: _Stream, level: int, index: int, first: int) -> None:
+        """Node (level, index) starts before `first`: drop its children at or past it."""
+        f = self._fanout
+        child_span = self._cap[level - 1]
+        base = index * f
+        c0 = first // child_span - base
+        if c0 >= f:
+            return
+        node = self._block_for_write(s, level, index)
+        last = min(f, -(-len(node.rstrip(b"\0")) // PTR))
+        if (level - 1) >= 1:
+            last = max(last, max((k[1] - base + 1 for k in s.dirty
+                                  if k[0] == level - 1 and base <= k[1] < base + f), default=0))
+        for c in range(max(c0, 0), last):
+            child = base + c
+            off = c * PTR
+            cptr = bytes(node[off : off + PTR])
+            if child * child_span >= first:
+                self._free_subtree(s, level - 1, child, cptr)
+                node[off : off + PTR] = HOLE
+            elif level - 1 >= 1:
+                self._drop_from(s, level - 1, child, first)
+
+    def _free_subtree(self, s: _Stream, level: int, index: int, ptr: bytes) -> None:
+        """Free the units of a subtree's flushed blocks (dirty copies override contents)."""
+        if ptr != HOLE:
+            self._units.free(*fmt.POINTER.unpack_from(ptr)[:2])
+        if level == 0:
+            return
+        node: bytes | bytearray | None = s.dirty.get((level, index))
+        if node is None:
+            if ptr == HOLE:
+                return
+            try:
+                node = self._fetch(s.oid, s.stream, level, index, ptr)
+            except BlockIntegrityError:
+                return  # unreachable after commit; the next open reclaims these units
+        f = self._fanout
+        for c in range(min(f, len(node) // PTR)):
+            cptr = bytes(node[c * PTR : (c + 1) * PTR])
+            child = index * f + c
+            if cptr != HOLE or (level - 1 >= 1 and (level - 1, child) in s.dirty):
+                self._free_subtree(s, level - 1, child, cptr)
+
+    # ------------------------------------------------------------------ flushing
+    def _seal(self, s: _Stream, level: int, index: int, buf: bytearray, w: _Writer) -> bytes:
+        """Encrypt one dirty block into fresh units (queued on `w`); return its pointer."""
+        us = self._us
+        units = fmt.stored_units(buf, us)
+        if units == 0:
+            return HOLE
+        if self._enc_count >= NONCE_BUDGET:
+            raise NonceBudgetExhausted(
+                "the data key has reached its limit of 2**32 encryptions; "
+                "rekey the vault (copy it into a new one) before writing more"
+            )
+        unit = self._alloc(units)
+        length = units * us
+        nonce = fmt.nonce_source()
+        aad = fmt.block_aad(self._uuid, s.oid, s.stream, level, index, length)
+        tag = w.seal(unit, units, nonce, memoryview(buf)[:length], aad)
+        self._enc_count += 1
+        self._flushed_bytes += length
+        upc = self._upc
+        self._touched.add(unit // upc)
+        self._touched.add((unit + units - 1) // upc)
+        return fmt.POINTER.pack(unit, units, 0, nonce, tag)
+
+    def _flush_stream(self, s: _Stream) -> None:
+        if s.dirty:
+            f, bs = self._fanout, self._bs
+            w = _Writer(self)
+            for key in sorted(s.dirty):
+                level, index = key
+                buf = s.dirty.pop(key)
+                self._dirty_bytes -= bs
+                new = self._seal(s, level, index, buf, w)
+                if level == s.depth:
+                    old, s.root = s.root, new
+                else:
+                    parent = s.dirty[(level + 1, index // f)]
+                    off = (index % f) * PTR
+                    old = bytes(parent[off : off + PTR])
+                    parent[off : off + PTR] = new
+                if old != HOLE:
+                    self._units.free(*fmt.POINTER.unpack_from(old)[:2])
+                if new != HOLE and (level or s is self._table):
+                    self._cache_put(new, buf)  # metadata stays cached
+                elif len(self._pool) < self._pool_max:
+                    self._pool.append(buf)  # written data: recycle the buffer
+            w.flush()
+            s.meta_dirty = True
+        if s.meta_dirty and s is not self._table:
+            self._write_into(
+                self._table,
+                s.oid * fmt.ENTRY_SIZE + fmt.ROOT_OFFSETS[s.stream],
+                memoryview(fmt.pack_root(s.size, s.depth, s.root)),
+            )
+            s.meta_dirty = False
+
+    def _flush_all(self) -> None:
+        # Refuse cleanly (before touching anything) if the flush could pass the budget.
+        need = len(self._table.dirty) + 16
+        for s in self._dirty_streams.values():
+            need += len(s.dirty) + 2 * (s.depth + 1)
+        if self._enc_count + need > NONCE_BUDGET:
+            raise NonceBudgetExhausted(
+                "the data key has reached its limit of 2**32 encryptions; "
+                "rekey the vault (copy it into a new one) before writing more"
+            )
+        try:
+            while self._dirty_streams:
+                _key, s = self._dirty_streams.popitem()
+                self._flush_stream(s)
+            self._flush_stream(self._table)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        if len(self._streams) > _KEEP_CLEAN_STREAMS:
+            self._streams.clear()
+
+    def _write_descriptors(self, gen: int) -> None:
+        by_group: dict[int, list[int]] = {}
+        cpg = self._cpg
+        for chunk in self._touched:
+            group, c = divmod(chunk, cpg)
+            by_group.setdefault(group, []).append(c)
+        group_units = self._geom.units_per_group
+        for group in sorted(by_group):
+            offset = self.layout.unit_offset(group * group_units)
+            gens = self._descriptors.get(group)
+            if gens is None:
+                gens = decode_descriptor(self._geom, group, os.pread(self._fd, self._bs, offset))
+                if gens is None:  # missing or torn: every chunk counts as written now
+                    gens = array("Q", [gen]) * cpg
+                self._descriptors[group] = gens
+            for c in by_group[group]:
+                gens[c] = gen
+            gens[0] = gen
+            self._pwrite([encode_descriptor(self._geom, group, gen, gens)], offset)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failed = f"{type(exc).__name__}: {exc}"
+
+    # ------------------------------------------------------------------ guards
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed("the object store is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._failed is not None:
+            raise StoreClosed(f"the object store failed earlier ({self._failed}); reopen the vault")
+        if self._read_only:
+            if self._open_damage:
+                raise IntegrityError(
+                    "the vault's metadata is damaged, so it is open read-only; run fsck")
+            raise KryptvaultError("the object store is open read-only")
+
+    def _stream(self, oid: int, stream: int) -> _Stream:
+        key = (oid, stream)
+        s = self._streams.get(key)
+        if s is not None:
+            return s
+        if stream not in (0, 1):
+            raise ValueError(f"stream must be 0 or 1, not {stream}")
+        if not 0 < oid < len(self._inuse) or not self._inuse[oid]:
+            raise UnknownObject(f"object {oid} is not in use")
+        raw = self._read_from(self._table, oid * fmt.ENTRY_SIZE + fmt.ROOT_OFFSETS[stream], fmt.ROOT_SIZE)
+        size, depth, root = fmt.unpack_root(raw)
+        if depth > self._max_depth:
+            raise BlockIntegrityError(oid, stream, depth, 0, f"stream root has depth {depth}")
+        s = _Stream(oid, stream, size, depth, root)
+        self._streams[key] = s
+        return s
+
+    def _check_oid(self, oid: int) -> None:
+        if not 0 < oid < len(self._inuse) or not self._inuse[oid]:
+            raise UnknownObject(f"object {oid} is not in use")
+
+    # ------------------------------------------------------------------ public API
+    def allocate_oid(self) -> int:
+        """Lowest free oid >= 1, marked in use with zeroed attrs and empty streams."""
+        with self._lock:
+            self._check_writable()
+            oid = self._inuse.find(0, 1)
+            if oid < 0:
+                oid = len(self._inuse)
+                self._inuse.append(0)
+            entry = bytearray(fmt.ENTRY_SIZE)
+            entry[0] = fmt.ENTRY_IN_USE
+            self._write_into(self._table, oid * fmt.ENTRY_SIZE, memoryview(entry))
+            self._inuse[oid] = 1
+            for st in (0, 1):
+                self._streams.pop((oid, st), None)
+            if self._dirty_bytes > self._dirty_limit:
+                self._flush_all()
+            return oid
+
+    def free_oid(self, oid: int) -> None:
+        """Free the object's blocks (reusable once the next commit is durable) and its entry."""
+        with self._lock:
+            self._check_writable()
+            self._check_oid(oid)
+            for st in (0, 1):
+                self._truncate(self._stream(oid, st), 0)
+                self._streams.pop((oid, st), None)
+                self._dirty_streams.pop((oid, st), None)
+            self._write_into(self._table, oid * fmt.ENTRY_SIZE, memoryview(bytes(fmt.ENTRY_SIZE)))
+            self._inuse[oid] = 0
+
+    def oid_in_use(self, oid: int) -> bool:
+        """True for objects in use, and for oids whose table block is damaged (accessing
+        those raises IntegrityError)."""
+        with self._lock:
+            self._check_open()
+            return 0 < oid < len(self._inuse) and self._inuse[oid] != 0
+
+    def iter_oids(self) -> Iterator[int]:
+        with self._lock:
+            self._check_open()
+            inuse = bytes(self._inuse)
+        oid = inuse.find(b"\x01", 1)
+        found: list[int] = []
+        while oid >= 0:
+            found.append(oid)
+            oid = inuse.find(b"\x01", oid + 1)
+        unknown = inuse.find(b"\x02", 1)
+        while unknown >= 0:
+            found.append(unknown)
+            unknown = inuse.find(b"\x02", unknown + 1)
+        return iter(sorted(found))
+
+    def get_attrs(self, oid: int) -> bytes:
+        with self._lock:
+            self._check_open()
+            self._check_oid(oid)
+            return self._read_from(self._table, oid * fmt.ENTRY_SIZE + fmt.ATTR_OFFSET, fmt.ATTR_SIZE)
+
+    def set_attrs(self, oid: int, attrs: bytes) -> None:
+        if len(attrs) != fmt.ATTR_SIZE:
+            raise ValueError(f"attrs must be exactly {fmt.ATTR_SIZE} bytes")
+        with self._lock:
+            self._check_writable()
+            self._check_oid(oid)
+            self._write_into(self._table, oid * fmt.ENTRY_SIZE + fmt.ATTR_OFFSET, memoryview(attrs))
+
+    def read(self, oid: int, stream: int, offset: int, size: int) -> bytes:
+        """Up to `size` bytes at `offset` (short at end of stream; holes read as zeros)."""
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        with self._lock:
+            self._check_open()
+            return self._read_from(self._stream(oid, stream), offset, size)
+
+    def write(self, oid: int, stream: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write `data` at `offset`, extending the stream (a gap reads as zeros)."""
+        mv = memoryview(data)
+        if mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B")
+        if offset < 0 or offset + len(mv) > MAX_STREAM_SIZE:
+            raise ValueError("offset out of range")
+        with self._lock:
+            self._check_writable()
+            s = self._stream(oid, stream)
+            if len(mv):
+                self._write_into(s, offset, mv)
+                if self._dirty_bytes > self._dirty_limit:
+                    self._flush_all()
+
+    def truncate(self, oid: int, stream: int, size: int) -> None:
+        """Set the stream size: up is sparse, down frees the blocks past the end."""
+        if not 0 <= size <= MAX_STREAM_SIZE:
+            raise ValueError("size out of range")
+        with self._lock:
+            self._check_writable()
+            self._truncate(self._stream(oid, stream), size)
+
+    def stream_size(self, oid: int, stream: int) -> int:
+        with self._lock:
+            self._check_open()
+            return self._stream(oid, stream).size
+
+    def flush(self) -> None:
+        """Encrypt and write every dirty block to free units without committing."""
+        with self._lock:
+            self._check_writable()
+            self._flush_all()
+
+    def commit(self) -> int:
+        """Make every change so far durable and atomic; return the new generation.
+        A no-op returning the current generation when nothing changed."""
+        with self._lock:
+            self._check_open()
+            if not self._txn_dirty:
+                return self.generation
+            self._check_writable()
+            gen = self.generation + 1
+            if gen >= NONCE_BUDGET:
+                raise NonceBudgetExhausted("the meta key has sealed 2**32 commit records; rekey the vault")
+            self._flush_all()
+            try:
+                self._write_descriptors(gen)
+                self._sync()
+                next_oid = self._inuse.find(0, 1)
+                rec = CommitRecord(
+                    generation=gen,
+                    block_size=self._bs,
+                    unit_size=self._us,
+                    table_root=fmt.pack_root(self._table.size, self._table.depth, self._table.root),
+                    total_units=self._units.total,
+                    encryptions=self._enc_count,
+                    timestamp_ns=time.time_ns(),
+                    next_oid=next_oid if next_oid > 0 else len(self._inuse),
+                )
+                image = seal_commit(self._meta, self._uuid, rec, fmt.nonce_source())
+                self._pwrite([image], COMMIT_OFFSETS[gen % 2])
+                self._sync()
+            except BaseException as exc:
+                # After a failed write or fsync the page cache state is unknown: refuse
+                # further writes; the last durable commit is still intact on disk.
+                self._fail(exc)
+                raise
+            self.generation = gen
+            self._units.commit_done()
+            self._touched.clear()
+            self._txn_dirty = False
+            self._flushed_bytes = 0
+            return gen
+
+    def dirty_bytes(self) -> int:
+        """Bytes not yet committed: dirty block buffers plus ciphertext already flushed to
+        free units in this transaction. Never 0 when `commit()` has something to do (an
+        attribute or size change alone counts as 1), so `dirty_bytes() > 0` is the test for
+        "a commit is needed"."""
+        with self._lock:
+            n = self._dirty_bytes + self._flushed_bytes
+            return n if n or not self._txn_dirty else 1
+
+    def buffered_bytes(self) -> int:
+        """Memory held by dirty block buffers (flushed at the dirty limit)."""
+        with self._lock:
+            return self._dirty_bytes
+
+    @property
+    def uncommitted(self) -> bool:
+        """True if `commit()` would write a new generation."""
+        return self._txn_dirty
+
+    def statfs(self) -> StoreStats:
+        with self._lock:
+            self._check_open()
+            u = self._units
+            total = u.total
+            free = u.free_count()
+            pending = sum(n for _u, n in u.pending) + sum(n for _u, n in u.held)
+            objects = self._inuse.count(1)
+            return StoreStats(
+                block_size=self._bs,
+                unit_size=self._us,
+                total_units=total,
+                free_units=free,
+                used_units=total - free,
+                pending_units=pending,
+                objects=objects,
+                container_bytes=self.layout.unit_offset(total),
+            )
+
+    def hold_reuse(self) -> int:
+        """Keep every unit of the current durable commit from being reused until
+        `release_reuse()`; returns that commit's generation (what a live backup copies).
+        Nests."""
+        with self._lock:
+            self._check_open()
+            self._units.hold()
+            return self.generation
+
+    def release_reuse(self) -> None:
+        with self._lock:
+            self._units.release()
+
+    @property
+    def open_damage(self) -> list[Damage]:
+        """Metadata problems found while opening (non-empty => the store is read-only)."""
+        return list(self._open_damage)
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def encryptions(self) -> int:
+        """Data-key encryptions so far (the nonce budget is 2**32)."""
+        return self._enc_count
+
+    def verify(self) -> list[Damage]:
+        """Authenticate every block reachable from the current state (dirty copies stand in
+        for their blocks); report damage and units referenced twice without raising."""
+        with self._lock:
+            self._check_open()
+            out = list(self._open_damage)
+            seen = bytearray(self._units.total)
+            table = self._table
+            self._verify_tree(table, seen, out)
+            for oid in range(1, len(self._inuse)):
+                if self._inuse[oid] != 1:
+                    continue
+                for st in (0, 1):
+                    try:
+                        s = self._streams.get((oid, st)) or self._stream(oid, st)
+                    except IntegrityError as exc:
+                        out.append(Damage(oid, st, -1, 0, f"stream root unreadable: {exc}"))
+                        continue
+                    self._verify_tree(s, seen, out)
+            return out
+
+    def _verify_tree(self, s: _Stream, seen: bytearray, out: list[Damage]) -> None:
+        f = self._fanout
+        dirty = s.dirty
+
+        def visit(level: int, index: int, ptr: bytes) -> None:
+            node: bytes | bytearray | None = dirty.get((level, index))
+            if ptr != HOLE:
+                problem = self._ptr_problem(ptr)
+                if problem is not None:
+                    out.append(Damage(s.oid, s.stream, level, index, problem))
+                else:
+                    unit, units = fmt.POINTER.unpack_from(ptr)[:2]
+                    if seen.count(0, unit, unit + units) != units:
+                        out.append(Damage(s.oid, s.stream, level, index,
+                                          f"units {unit}+{units} referenced twice"))
+                    seen[unit : unit + units] = b"\x01" * units
+                    if node is None:
+                        try:
+                            content = self._read_disk(s.oid, s.stream, level, index, ptr)
+                        except BlockIntegrityError as exc:
+                            out.append(Damage(s.oid, s.stream, level, index, exc.reason))
+                            return
+                        if level > 0:
+                            node = content
+            if level == 0 or node is None:
+                return
+            for c in range(min(f, len(node) // PTR)):
+                child = index * f + c
+                cptr = bytes(node[c * PTR : (c + 1) * PTR])
+                if cptr != HOLE or (level - 1, child) in dirty:
+                    visit(level - 1, child, cptr)
+
+        visit(s.depth, 0, s.root)
+
+    def release_memory(self) -> None:
+        """Drop the clean-block cache and spare buffers (e.g. when the vault goes idle);
+        dirty data is kept."""
+        with self._lock:
+            self._cache.clear()
+            self._cache_bytes = 0
+            self._pool.clear()
+            self._stage = None
+
+    def close(self) -> None:
+        """Drop caches and uncommitted changes (no implicit commit). The fd stays open:
+        the caller owns it."""
+        with self._lock:
+            self._closed = True
+            self._cache.clear()
+            self._cache_bytes = 0
+            self._streams.clear()
+            self._dirty_streams.clear()
+            self._table.dirty.clear()
+            self._dirty_bytes = 0
+            self._flushed_bytes = 0
+            self._txn_dirty = False
+            self._pool.clear()
+            self._stage = None
+
+    def __enter__(self) -> ObjectStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

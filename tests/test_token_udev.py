@@ -1,0 +1,84 @@
+"""udev rules for registered tokens: rendering, the shipped template, hostile serials."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kryptvault.errors import TokenError
+from kryptvault.token import TokenIdentity, render_rules
+
+ROOT = Path(__file__).resolve().parent.parent
+STICK = TokenIdentity("usb", vendor_id=0x46F4, product_id=1, serial="TOKEN-1234")
+VAULT_A = uuid.UUID("11111111-2222-3333-4444-555555555555")
+VAULT_B = uuid.UUID("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee")
+
+
+def rule_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_a_stick_gets_access_rules_once_and_a_guard_per_vault() -> None:
+    lines = rule_lines(render_rules([(STICK, VAULT_A), (STICK, VAULT_B)]))
+    assert lines[0] == (
+        'SUBSYSTEM=="usb", ENV{DEVTYPE}=="usb_device", ATTR{idVendor}=="46f4", '
+        'ATTR{idProduct}=="0001", ATTR{serial}=="TOKEN-1234", TAG+="uaccess"'
+    )
+    assert lines[1] == 'SUBSYSTEM=="block", ENV{ID_SERIAL_SHORT}=="TOKEN-1234", TAG+="uaccess"'
+    guards = lines[2:]
+    assert len(guards) == 2
+    for line, vault in zip(guards, (VAULT_A, VAULT_B), strict=True):
+        assert 'ENV{ID_SERIAL_SHORT}=="TOKEN-1234"' in line
+        assert f'ENV{{SYSTEMD_ALIAS}}+="/sys/subsystem/kryptvault/{vault.hex}"' in line
+        assert f'ENV{{SYSTEMD_USER_WANTS}}+="kryptvault-guard@{vault.hex}.service"' in line
+        # Wants= are acted on only when a device appears, so the guard is pulled in on
+        # add/change, never on remove; and nothing runs from udev itself.
+        assert line.startswith('ACTION!="remove", ')
+        assert "RUN" not in line
+
+
+def test_rendered_rules_are_the_shipped_template_filled_in() -> None:
+    template = (ROOT / "udev" / "70-kryptvault.rules.in").read_text()
+    fs = TokenIdentity("fs", fs_uuid="1234-ABCD")
+    expected = (
+        template.replace("@VENDOR@", "46f4")
+        .replace("@PRODUCT@", "0001")
+        .replace("@SERIAL@", "TOKEN-1234")
+        .replace("@FS_UUID@", "1234-ABCD")
+        .replace("@VAULT@", VAULT_A.hex)
+    )
+    assert rule_lines(render_rules([(STICK, VAULT_A), (fs, VAULT_A)])) == rule_lines(expected)
+
+
+def test_the_guard_unit_binds_to_the_alias_the_rule_creates() -> None:
+    guard = (ROOT / "udev" / "kryptvault-guard@.service").read_text()
+    assert "BindsTo=sys-subsystem-kryptvault-%i.device" in guard
+    assert "kryptvault-lock@%i.service" in guard
+    lock = (ROOT / "udev" / "kryptvault-lock@.service").read_text()
+    assert "ExecStart=kryptvault lock --vault %i --reason unplug" in lock
+
+
+@pytest.mark.parametrize(
+    "serial",
+    ['X", RUN+="/bin/sh -c evil', "A B", "A\nB", "A,B", "A\\B", "Ä", "{x}", "a" * 200],
+)
+def test_a_serial_that_could_inject_rule_syntax_is_refused(serial: str) -> None:
+    hostile = TokenIdentity("usb", vendor_id=1, product_id=2, serial=serial)
+    with pytest.raises(TokenError, match="only letters, digits") as err:
+        render_rules([(hostile, VAULT_A)])
+    assert "\n" not in str(err.value)
+
+
+def test_directory_tokens_get_only_a_comment() -> None:
+    text = render_rules([(TokenIdentity("dir", path="/x"), VAULT_A)])
+    assert rule_lines(text) == []
+    assert str(VAULT_A) in text
+
+
+def test_every_rendered_value_is_from_the_safe_alphabet() -> None:
+    text = render_rules([(STICK, VAULT_A)])
+    for value in re.findall(r'=="([^"]*)"', text):
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", value)
