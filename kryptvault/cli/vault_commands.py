@@ -226,7 +226,7 @@ def info(container: Path, as_json: bool) -> None:
     _print_slots(slots)
 
 
-def _rewrite_header(unlocked: Unlocked, header: Header) -> Header:
+def rewrite_header(unlocked: Unlocked, header: Header) -> Header:
     fd = open_container_fd(unlocked.path, writable=True)
     try:
         with header_lock(fd):
@@ -282,7 +282,7 @@ def passwd(
                 slot = new_password_slot(
                     unlocked.vault_uuid, index, unlocked.master, new_password, factor, params, old.label
                 )
-        _rewrite_header(unlocked, replace_slot(unlocked.header, index, slot))
+        rewrite_header(unlocked, replace_slot(unlocked.header, index, slot))
     click.echo(f"password of slot {index} changed")
 
 
@@ -313,7 +313,7 @@ def recovery_key_add(
         index = free_slot_index(unlocked.header)
         with new_recovery_key() as key, format_recovery_key(key) as printable:
             slot = new_recovery_slot(unlocked.vault_uuid, index, unlocked.master, key, label)
-            _rewrite_header(unlocked, replace_slot(unlocked.header, index, slot))
+            rewrite_header(unlocked, replace_slot(unlocked.header, index, slot))
             click.echo(f"recovery key added as slot {index}. Write it down and keep it away from the token;")
             click.echo("it opens the vault on its own and is not shown again:")
             out = sys.stdout.buffer
@@ -371,6 +371,6 @@ def slot_remove(
     with unlock_for_change(
         container, token_spec, password_fd, password_file, recovery, recovery_key_file
     ) as unlocked:
-        _rewrite_header(unlocked, replace_slot(unlocked.header, slot_index, None))
+        rewrite_header(unlocked, replace_slot(unlocked.header, slot_index, None))
     click.echo(f"slot {slot_index} removed. Old copies of the header (in backups) still open with it;")
     click.echo("if its token was stolen together with the password, move the files into a new vault.")

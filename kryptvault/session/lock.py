@@ -1,0 +1,122 @@
+"""The lock sequence: one latch, then a fixed order of steps, however many routes fire.
+
+Order (issue "Lock on unplug"): latch → refuse new operations (EIO) → commit what was
+accepted, within a deadline → record the commit generation on the token if it is still
+reachable → drop cached plaintext of open files and take the mount away (lazy unmount,
+abort the FUSE connection) → wipe keys → audit → exit. If the commit overruns its
+deadline, the mount is taken away anyway (no process may read plaintext meanwhile) and
+the commit is still waited for before the keys are wiped: accepted writes are never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger("kryptvault.lock")
+
+COMMIT_HARD_LIMIT = 60.0
+
+
+@dataclass
+class LockSteps:
+    refuse: Callable[[], None]
+    commit: Callable[[], int]
+    record_generation: Callable[[int], bool]
+    take_mount_away: Callable[[], None]
+    wipe: Callable[[], None]
+    audit: Callable[[LockOutcome], None]
+    finish: Callable[[LockOutcome], None]
+
+
+@dataclass
+class LockOutcome:
+    reason: str
+    route: str
+    started: float
+    generation: int | None = None
+    commit_seconds: float | None = None
+    commit_late: bool = False
+    commit_error: str | None = None
+    token_updated: bool = False
+    steps: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class LockSequence:
+    def __init__(self, steps: LockSteps, commit_deadline: float = 0.2) -> None:
+        self._steps = steps
+        self._deadline = commit_deadline
+        self._latch = threading.Lock()
+        self._locked = False
+        self.outcome: LockOutcome | None = None
+
+    @property
+    def locked(self) -> bool:
+        return self._locked
+
+    def trigger(self, reason: str, route: str) -> bool:
+        """Run the sequence once; every later call returns False at once."""
+        with self._latch:
+            if self._locked:
+                return False
+            self._locked = True
+        outcome = LockOutcome(reason, route, time.monotonic())
+        self.outcome = outcome
+        steps = self._steps
+        try:
+            self._run(outcome, steps)
+        finally:
+            outcome.seconds = time.monotonic() - outcome.started
+            steps.finish(outcome)
+        return True
+
+    def _run(self, outcome: LockOutcome, steps: LockSteps) -> None:
+        self._step(outcome, "refuse", steps.refuse)
+        done = threading.Event()
+
+        def commit() -> None:
+            start = time.monotonic()
+            try:
+                outcome.generation = steps.commit()
+            except Exception as exc:  # keep locking: the keys must still go
+                outcome.commit_error = f"{type(exc).__name__}: {exc}"
+                log.exception("commit during lock failed")
+            finally:
+                outcome.commit_seconds = time.monotonic() - start
+                done.set()
+
+        committer = threading.Thread(target=commit, name="kryptvault-lock-commit", daemon=True)
+        committer.start()
+        if done.wait(self._deadline):
+            outcome.steps.append("commit")
+            self._record(outcome, steps)
+            self._step(outcome, "take_mount_away", steps.take_mount_away)
+        else:
+            outcome.commit_late = True
+            self._step(outcome, "take_mount_away", steps.take_mount_away)
+            done.wait(COMMIT_HARD_LIMIT)
+            outcome.steps.append("commit")
+            self._record(outcome, steps)
+        self._step(outcome, "wipe", steps.wipe)
+        self._step(outcome, "audit", lambda: steps.audit(outcome))
+
+    def _record(self, outcome: LockOutcome, steps: LockSteps) -> None:
+        if outcome.generation is None:
+            return
+        try:
+            outcome.token_updated = steps.record_generation(outcome.generation)
+        except Exception:
+            log.exception("recording the generation on the token failed")
+        outcome.steps.append("record_generation")
+
+    @staticmethod
+    def _step(outcome: LockOutcome, name: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception:
+            log.exception("lock step %s failed", name)
+        outcome.steps.append(name)

@@ -1,0 +1,327 @@
+"""One mounted vault: the key-holding daemon process and everything it runs.
+
+The daemon opens the store with keys handed over by the unlocking process, serves the
+filesystem over FUSE, watches the token, answers the control socket, and ends only
+through the lock sequence (kryptvault/session/lock.py), whatever the trigger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from kryptvault.container.header import read_header
+from kryptvault.container.store import ObjectStore
+from kryptvault.crypto.secret import Secret, harden_process
+from kryptvault.errors import KryptvaultError
+from kryptvault.fs.filesystem import Filesystem
+from kryptvault.fuseadapter.mount import serve
+from kryptvault.session import fusectl
+from kryptvault.session.audit import AuditLog
+from kryptvault.session.control import ControlServer, PeerCred, socket_path_for
+from kryptvault.session.handoff import SessionSettings
+from kryptvault.session.lock import LockOutcome, LockSequence, LockSteps
+from kryptvault.session.rollback import check_rollback
+from kryptvault.token.base import Token
+from kryptvault.token.resolve import resolve_token
+from kryptvault.watcher.watcher import TokenWatcher
+
+log = logging.getLogger("kryptvault.session")
+
+LOCK_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+class MountSession:
+    def __init__(
+        self,
+        settings: SessionSettings,
+        data_key: Secret,
+        meta_key: Secret,
+        report: Callable[[str], None],
+    ) -> None:
+        self.settings = settings
+        self.vault_uuid = uuid.UUID(settings.vault_uuid)
+        self.mountpoint = Path(settings.mountpoint)
+        self._report = report
+        self._keys = (data_key, meta_key)
+        self.audit = AuditLog()
+        self.started = time.time()
+        self.fd = -1
+        self.store: ObjectStore | None = None
+        self.fs: Filesystem | None = None
+        self.token: Token | None = None
+        self.watcher: TokenWatcher | None = None
+        self.control: ControlServer | None = None
+        self.backup_holds = 0
+        self.lock = LockSequence(
+            LockSteps(
+                refuse=self._refuse,
+                commit=self._commit,
+                record_generation=self._record_generation,
+                take_mount_away=self._take_mount_away,
+                wipe=self._wipe,
+                audit=self._audit_lock,
+                finish=self._finish,
+            ),
+            commit_deadline=settings.lock_deadline_ms / 1000,
+        )
+        self._idle_deadline: float | None = None
+
+    # ------------------------------------------------------------------ start-up
+    def open(self) -> None:
+        """Open the container and filesystem; a failure here never leaves a mount behind."""
+        harden_process()
+        path = Path(self.settings.container)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise KryptvaultError(f"cannot open {path}: {exc.strerror}")
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise KryptvaultError(f"{path} is already mounted (another kryptvault holds it)")
+        header = read_header(self.fd).header
+        if header.vault_uuid != self.vault_uuid:
+            raise KryptvaultError("the container changed while it was being unlocked")
+        data_key, meta_key = self._keys
+        try:
+            self.store = ObjectStore.open(self.fd, header.layout, self.vault_uuid, data_key, meta_key)
+        finally:
+            data_key.wipe()
+            meta_key.wipe()
+        self._check_rollback()
+        self.fs = Filesystem(self.store)
+
+    def _check_rollback(self) -> None:
+        assert self.store is not None
+        spec = self.settings.token.get("spec")
+        if not isinstance(spec, str):
+            return  # opened with the recovery key: no token to compare with
+        self.token = resolve_token(spec, vault_uuid=self.vault_uuid)
+        seen = int(str(self.settings.token.get("generation", 0)))
+        accept = bool(self.settings.token.get("accept_rollback"))
+        if check_rollback(self.store.generation, seen, accept):
+            self.audit.append(
+                "rollback_accepted",
+                vault=str(self.vault_uuid),
+                container_generation=self.store.generation,
+                token_generation=seen,
+            )
+        self._record_generation(self.store.generation, allow_lower=accept)
+
+    def _record_generation(self, generation: int, allow_lower: bool = False) -> bool:
+        token = self.token
+        if token is None or not token.is_present():
+            return False
+        share = token.read_share(self.vault_uuid)
+        try:
+            if share.generation >= generation and not allow_lower:
+                return True
+            share.generation = generation
+            token.write_share(share)
+            return True
+        finally:
+            share.wipe()
+
+    def run(self) -> int:
+        """Serve until a lock; returns only if the lock did not end the process."""
+        assert self.fs is not None
+        signal.pthread_sigmask(signal.SIG_BLOCK, LOCK_SIGNALS)
+        threading.Thread(target=self._wait_for_signals, name="kryptvault-signals", daemon=True).start()
+        self._start_control()
+        if self.token is not None:
+            self.watcher = TokenWatcher(
+                self.token, lambda route: self.trigger_lock("unplug", route), on_event=self._token_event
+            )
+            self.watcher.start()
+        if self.settings.idle_lock_minutes:
+            threading.Thread(target=self._idle_watch, name="kryptvault-idle", daemon=True).start()
+        self.audit.append(
+            "mount",
+            vault=str(self.vault_uuid),
+            mountpoint=str(self.mountpoint),
+            generation=self.store.generation if self.store else None,
+        )
+        try:
+            serve(
+                self.fs,
+                str(self.mountpoint),
+                allow_other=self.settings.allow_other,
+                fsname=self.vault_uuid.hex[:8],
+                commit_delay=self.settings.commit_delay,
+                on_ready=self._ready,
+            )
+        except Exception as exc:
+            log.exception("FUSE failed")
+            self._report(f"error: cannot mount {self.mountpoint}: {exc}")
+        # The FUSE loop ended by itself: an outside unmount (fusermount -u) or a failure.
+        self.trigger_lock("exit", "fuse")
+        return 0
+
+    def _ready(self) -> None:
+        self._report("ok")
+
+    def _wait_for_signals(self) -> None:
+        sig = signal.sigwait(LOCK_SIGNALS)
+        self.trigger_lock("signal", signal.Signals(sig).name)
+
+    def _token_event(self, kind: str, details: dict[str, object]) -> None:
+        self.audit.append(kind, vault=str(self.vault_uuid), **{k: str(v) for k, v in details.items()})
+
+    def _idle_watch(self) -> None:
+        assert self.fs is not None and self.settings.idle_lock_minutes
+        limit = self.settings.idle_lock_minutes * 60
+        while not self.lock.locked:
+            idle = time.monotonic() - self.fs.last_activity
+            if idle >= limit:
+                self.trigger_lock("idle", "timer")
+                return
+            time.sleep(min(5.0, limit - idle))
+
+    # ------------------------------------------------------------------ control API
+    def _start_control(self) -> None:
+        handlers = {
+            "status": self._op_status,
+            "lock": self._op_lock,
+            "commit": self._op_commit,
+            "backup-hold": self._op_backup_hold,
+            "backup-release": self._op_backup_release,
+        }
+        self.control = ControlServer(socket_path_for(self.vault_uuid), handlers, self.audit)
+        self.control.start()
+
+    def status(self) -> dict[str, object]:
+        store = self.store
+        return {
+            "vault": str(self.vault_uuid),
+            "container": self.settings.container,
+            "mountpoint": str(self.mountpoint),
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "token": self.token.identity.describe() if self.token else "recovery key",
+            "generation": store.generation if store else None,
+            "dirty_bytes": store.dirty_bytes() if store else 0,
+            "last_commit_age_seconds": self._last_commit_age(),
+            "backup_holds": self.backup_holds,
+            "locking": self.lock.locked,
+        }
+
+    def _last_commit_age(self) -> float | None:
+        fs = self.fs
+        stamp = getattr(fs, "last_commit", None) if fs else None
+        return round(time.monotonic() - stamp, 1) if isinstance(stamp, float) else None
+
+    def _op_status(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
+        return self.status()
+
+    def _op_lock(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
+        threading.Thread(
+            target=self.trigger_lock, args=("command", f"control pid {peer.pid}"), daemon=True
+        ).start()
+        return {"locking": True}
+
+    def _op_commit(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
+        assert self.fs is not None
+        return {"generation": self.fs.commit()}
+
+    def _op_backup_hold(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
+        assert self.fs is not None and self.store is not None
+        self.fs.commit()
+        generation = self.store.hold_reuse()
+        self.backup_holds += 1
+        return {"generation": generation}
+
+    def _op_backup_release(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
+        assert self.store is not None
+        if self.backup_holds <= 0:
+            raise KryptvaultError("no backup hold to release")
+        self.backup_holds -= 1
+        self.store.release_reuse()
+        return {"released": True}
+
+    # ------------------------------------------------------------------ locking
+    def trigger_lock(self, reason: str, route: str) -> None:
+        self.lock.trigger(reason, route)
+
+    def _refuse(self) -> None:
+        if self.fs is not None:
+            self.fs.seal()
+
+    def _commit(self) -> int:
+        assert self.fs is not None
+        return self.fs.commit_sealed()
+
+    def _take_mount_away(self) -> None:
+        conn = fusectl.connection_id(self.mountpoint)
+        with contextlib.suppress(Exception):
+            from kryptvault.fuseadapter.invalidate import invalidate_open_files
+
+            invalidate_open_files()
+        fusectl.detach(self.mountpoint)
+        if conn is not None:
+            fusectl.abort_connection(conn)
+
+    def _wipe(self) -> None:
+        for closer in (self.watcher and self.watcher.stop, self.control and self.control.stop):
+            if closer:
+                with contextlib.suppress(Exception):
+                    closer()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                self.store.close()
+        for key in self._keys:
+            key.wipe()
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+    def _audit_lock(self, outcome: LockOutcome) -> None:
+        self.audit.append(
+            "lock",
+            vault=str(self.vault_uuid),
+            reason=outcome.reason,
+            route=outcome.route,
+            generation=outcome.generation,
+            commit_ms=_ms(outcome.commit_seconds),
+            commit_late=outcome.commit_late,
+            token_updated=outcome.token_updated,
+            error=outcome.commit_error,
+        )
+
+    def _finish(self, outcome: LockOutcome) -> None:
+        log.info("locked (%s via %s) in %.0f ms", outcome.reason, outcome.route, outcome.seconds * 1000)
+        logging.shutdown()
+        # Ending the key-holding process is the only certain wipe (AESGCM keeps key copies).
+        os._exit(1 if outcome.commit_error else 0)
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else round(seconds * 1000)
+
+
+def run_daemon(
+    settings: SessionSettings, data_key: Secret, meta_key: Secret, report: Callable[[str], None]
+) -> int:
+    session = MountSession(settings, data_key, meta_key, report)
+    try:
+        session.open()
+    except KryptvaultError as exc:
+        session.audit.append("mount_failed", vault=settings.vault_uuid, error=str(exc))
+        report(f"error: {exc}")
+        return 1
+    except OSError as exc:
+        report(f"error: {exc.strerror or exc}")
+        return 1
+    if not os.path.isdir(settings.mountpoint):
+        report(f"error: the mount point {settings.mountpoint} is not a directory")
+        return 1
+    return session.run()

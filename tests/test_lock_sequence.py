@@ -1,0 +1,108 @@
+"""The lock sequence: its order, its deadline, and exactly one lock however many routes fire."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+from kryptvault.session.lock import LockOutcome, LockSequence, LockSteps
+from kryptvault.session.rollback import RollbackDetected, check_rollback
+
+
+class Recorder:
+    def __init__(self, commit_seconds: float = 0.0, token_present: bool = True) -> None:
+        self.events: list[str] = []
+        self.finished: list[LockOutcome] = []
+        self.commit_seconds = commit_seconds
+        self.token_present = token_present
+        self._lock = threading.Lock()
+
+    def note(self, name: str) -> None:
+        with self._lock:
+            self.events.append(name)
+
+    def steps(self) -> LockSteps:
+        def commit() -> int:
+            time.sleep(self.commit_seconds)
+            self.note("commit")
+            return 42
+
+        def record(generation: int) -> bool:
+            self.note(f"record:{generation}")
+            return self.token_present
+
+        return LockSteps(
+            refuse=lambda: self.note("refuse"),
+            commit=commit,
+            record_generation=record,
+            take_mount_away=lambda: self.note("take_mount_away"),
+            wipe=lambda: self.note("wipe"),
+            audit=lambda outcome: self.note(f"audit:{outcome.reason}"),
+            finish=self.finished.append,
+        )
+
+
+def test_lock_runs_its_steps_in_the_specified_order() -> None:
+    rec = Recorder()
+    assert LockSequence(rec.steps(), commit_deadline=1.0).trigger("unplug", "uevent")
+    assert rec.events == ["refuse", "commit", "record:42", "take_mount_away", "wipe", "audit:unplug"]
+    (outcome,) = rec.finished
+    assert outcome.generation == 42 and not outcome.commit_late and outcome.token_updated
+
+
+def test_a_slow_commit_does_not_keep_the_mount_but_is_still_waited_for_before_the_wipe() -> None:
+    rec = Recorder(commit_seconds=0.3)
+    start = time.monotonic()
+    LockSequence(rec.steps(), commit_deadline=0.05).trigger("unplug", "poll")
+    assert rec.events == ["refuse", "take_mount_away", "commit", "record:42", "wipe", "audit:unplug"]
+    assert rec.finished[0].commit_late
+    assert time.monotonic() - start >= 0.3
+
+
+def test_a_failing_step_does_not_stop_the_keys_from_being_wiped() -> None:
+    rec = Recorder()
+    steps = rec.steps()
+
+    def broken_commit() -> int:
+        raise OSError(5, "I/O error")
+
+    steps.commit = broken_commit
+    LockSequence(steps, commit_deadline=0.5).trigger("signal", "SIGTERM")
+    assert rec.events == ["refuse", "take_mount_away", "wipe", "audit:signal"]
+    assert rec.finished[0].commit_error and "I/O error" in rec.finished[0].commit_error
+
+
+def test_concurrent_triggers_from_every_route_lock_exactly_once() -> None:
+    routes = ["uevent", "poll", "udev", "control", "signal", "exit", "idle"]
+    for round_ in range(200):
+        rec = Recorder()
+        sequence = LockSequence(rec.steps(), commit_deadline=1.0)
+        results: list[bool] = []
+        barrier = threading.Barrier(len(routes))
+
+        def fire(route: str) -> None:
+            barrier.wait()
+            time.sleep(random.random() / 2000)
+            results.append(sequence.trigger(route, route))
+
+        threads = [threading.Thread(target=fire, args=(r,)) for r in routes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == [False] * (len(routes) - 1) + [True], round_
+        assert len(rec.finished) == 1
+        assert rec.events.count("wipe") == 1 and rec.events.count("refuse") == 1
+
+
+def test_rollback_rule_alarms_only_when_the_token_saw_a_newer_state() -> None:
+    assert check_rollback(10, 10, accept=False) is False
+    assert check_rollback(12, 10, accept=False) is False  # a backup token that missed mounts
+    assert check_rollback(5, 10, accept=True) is True
+    try:
+        check_rollback(5, 10, accept=False)
+    except RollbackDetected as exc:
+        assert "--accept-rollback" in str(exc) and "5 < 10" in str(exc)
+    else:
+        raise AssertionError("rollback not detected")
