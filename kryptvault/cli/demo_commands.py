@@ -61,12 +61,14 @@ class LoopStick:
     def create(self) -> None:
         with open(self.image, "wb") as f:
             f.truncate(16 * 1024 * 1024)
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "KVDEMO", str(self.image)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-L", "KVDEMO", str(self.image)], check=True, capture_output=True
+        )
 
     def plug(self) -> None:
-        self.device = subprocess.run(["losetup", "-f", "--show", str(self.image)], check=True,
-                                     capture_output=True, text=True).stdout.strip()
+        self.device = subprocess.run(
+            ["losetup", "-f", "--show", str(self.image)], check=True, capture_output=True, text=True
+        ).stdout.strip()
         self.mountpoint.mkdir(exist_ok=True)
         subprocess.run(["mount", self.device, str(self.mountpoint)], check=True)
 
@@ -77,8 +79,12 @@ class LoopStick:
             self.device = None
 
     def fs_uuid(self) -> str:
-        return subprocess.run(["blkid", "-o", "value", "-s", "UUID", str(self.image)], check=True,
-                              capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["blkid", "-o", "value", "-s", "UUID", str(self.image)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
 
 
 @contextlib.contextmanager
@@ -104,7 +110,9 @@ def _wait_unmounted(mountpoint: Path, timeout: float = 10.0) -> float | None:
 @click.option("--keep", is_flag=True, help="Keep the throw-away files (printed at the end).")
 def demo(keep: bool) -> None:
     """Walk through the whole story with a throw-away vault and a simulated token."""
-    as_root = os.geteuid() == 0 and shutil.which("losetup") is not None and shutil.which("mkfs.ext4") is not None
+    as_root = (
+        os.geteuid() == 0 and shutil.which("losetup") is not None and shutil.which("mkfs.ext4") is not None
+    )
     password = "demo " + secrets.token_hex(8)
     with _workspace(keep) as work:
         container = work / "vault.kv"
@@ -132,7 +140,9 @@ def demo(keep: bool) -> None:
             with open(folder / "hello.txt", "rb+") as f:
                 os.fsync(f.fileno())
             click.echo(f"  wrote and fsync-ed {folder / 'hello.txt'}")
-            click.echo(f"  the container holds no trace of the name: {b'hello.txt' not in container.read_bytes()}")
+            click.echo(
+                f"  the container holds no trace of the name: {b'hello.txt' not in container.read_bytes()}"
+            )
             _say("Pulling the token out")
             start = time.monotonic()
             if stick is not None:
@@ -142,7 +152,9 @@ def demo(keep: bool) -> None:
             gone = _wait_unmounted(folder)
             if gone is None:
                 raise KryptvaultError("the vault did not lock after the token left")
-            click.echo(f"  the folder was unmounted {1000 * (time.monotonic() - start):.0f} ms after the unplug")
+            click.echo(
+                f"  the folder was unmounted {1000 * (time.monotonic() - start):.0f} ms after the unplug"
+            )
             click.echo(f"  {folder} is now an empty directory: {sorted(os.listdir(folder))}")
             _say("The audit log")
             _run("log", "--last", "4", check=False)

@@ -24,11 +24,12 @@ from kryptvault.crypto.secret import Secret, harden_process
 from kryptvault.errors import KryptvaultError
 from kryptvault.fs.filesystem import Filesystem
 from kryptvault.fuseadapter.mount import serve
+from kryptvault.fuseadapter.operations import KryptvaultOperations
 from kryptvault.session import fusectl
 from kryptvault.session.audit import AuditLog
 from kryptvault.session.control import ControlServer, PeerCred, socket_path_for
 from kryptvault.session.handoff import SessionSettings
-from kryptvault.session.lock import LockOutcome, LockSequence, LockSteps
+from kryptvault.session.lock import COMMIT_HARD_LIMIT, LockOutcome, LockSequence, LockSteps
 from kryptvault.session.rollback import check_rollback
 from kryptvault.token.base import Token
 from kryptvault.token.resolve import resolve_token
@@ -60,6 +61,7 @@ class MountSession:
         self.token: Token | None = None
         self.watcher: TokenWatcher | None = None
         self.control: ControlServer | None = None
+        self.operations: KryptvaultOperations | None = None
         self.backup_holds = 0
         self.lock = LockSequence(
             LockSteps(
@@ -158,13 +160,19 @@ class MountSession:
                 fsname=self.vault_uuid.hex[:8],
                 commit_delay=self.settings.commit_delay,
                 on_ready=self._ready,
+                on_operations=self._set_operations,
             )
         except Exception as exc:
             log.exception("FUSE failed")
             self._report(f"error: cannot mount {self.mountpoint}: {exc}")
-        # The FUSE loop ended by itself: an outside unmount (fusermount -u) or a failure.
-        self.trigger_lock("exit", "fuse")
+        # The FUSE loop ended: either a lock took the mount away (and will end the process
+        # itself), or an outside unmount (fusermount -u) or a failure, which locks now.
+        if not self.trigger_lock("exit", "fuse"):
+            time.sleep(COMMIT_HARD_LIMIT + 30)
         return 0
+
+    def _set_operations(self, operations: KryptvaultOperations) -> None:
+        self.operations = operations
 
     def _ready(self) -> None:
         self._report("ok")
@@ -215,17 +223,17 @@ class MountSession:
         }
 
     def _last_commit_age(self) -> float | None:
-        fs = self.fs
-        stamp = getattr(fs, "last_commit", None) if fs else None
-        return round(time.monotonic() - stamp, 1) if isinstance(stamp, float) else None
+        stamp = self.fs.last_commit if self.fs else None
+        return None if stamp is None else round(time.monotonic() - stamp, 1)
 
     def _op_status(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
         return self.status()
 
     def _op_lock(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
-        threading.Thread(
-            target=self.trigger_lock, args=("command", f"control pid {peer.pid}"), daemon=True
-        ).start()
+        # The udev removal unit locks through `kryptvault lock --reason unplug`.
+        unplug = request.get("reason") == "unplug"
+        reason, route = ("unplug", "udev") if unplug else ("command", f"control pid {peer.pid}")
+        threading.Thread(target=self.trigger_lock, args=(reason, route), daemon=True).start()
         return {"locking": True}
 
     def _op_commit(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
@@ -248,8 +256,8 @@ class MountSession:
         return {"released": True}
 
     # ------------------------------------------------------------------ locking
-    def trigger_lock(self, reason: str, route: str) -> None:
-        self.lock.trigger(reason, route)
+    def trigger_lock(self, reason: str, route: str) -> bool:
+        return self.lock.trigger(reason, route)
 
     def _refuse(self) -> None:
         if self.fs is not None:
@@ -261,10 +269,8 @@ class MountSession:
 
     def _take_mount_away(self) -> None:
         conn = fusectl.connection_id(self.mountpoint)
-        with contextlib.suppress(Exception):
-            from kryptvault.fuseadapter.invalidate import invalidate_open_files
-
-            invalidate_open_files()
+        if self.operations is not None:
+            self.operations.invalidate_open_files()
         fusectl.detach(self.mountpoint)
         if conn is not None:
             fusectl.abort_connection(conn)

@@ -1,0 +1,254 @@
+"""Mounting through the real CLI and locking by every route: command, signals, SIGKILL,
+with files held open and a writer running — no plaintext readable afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cli_helpers import VaultFixture, assert_clean_error, make_vault, run_process
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture
+def vault(tmp_path: Path) -> Iterator[VaultFixture]:
+    fixture = make_vault(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    yield fixture
+    if os.path.ismount(mnt) or _stale(mnt):
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _stale(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError:
+        return True
+    return False
+
+
+def _mount(vault: VaultFixture, *extra: str) -> subprocess.CompletedProcess[str]:
+    return run_process("mount", vault.container, vault.dir / "mnt", *vault.pw(), *extra)
+
+
+def _daemon_pid(vault: VaultFixture) -> int:
+    status = json.loads(run_process("status", "--json").stdout)
+    (entry,) = [s for s in status if s["container"] == str(vault.container.resolve())]
+    return int(entry["pid"])
+
+
+def _wait_gone(mnt: Path, pid: int, timeout: float = 20.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if not os.path.ismount(mnt) and not Path(f"/proc/{pid}").exists():
+            return time.monotonic() - start
+        time.sleep(0.01)
+    raise AssertionError(f"{mnt} still mounted or daemon {pid} alive after {timeout} s")
+
+
+def test_mount_write_umount_remount_keeps_the_data_and_shows_kryptvault_in_mount_table(
+    vault: VaultFixture,
+) -> None:
+    mnt = vault.dir / "mnt"
+    assert _mount(vault).returncode == 0
+    table = Path("/proc/self/mounts").read_text()
+    assert f"kryptvault:{vault.uuid.replace('-', '')[:8]} {mnt} fuse.kryptvault" in table
+    (mnt / "notes.txt").write_text("kept across mounts\n")
+    df = subprocess.run(["df", str(mnt)], capture_output=True, text=True).stdout
+    assert "kryptvault:" in df
+    pid = _daemon_pid(vault)
+    umount = run_process("umount", mnt)
+    assert umount.returncode == 0, umount.stderr
+    _wait_gone(mnt, pid)
+    assert _mount(vault).returncode == 0
+    assert (mnt / "notes.txt").read_text() == "kept across mounts\n"
+    assert run_process("lock", mnt).returncode == 0
+
+
+def test_mounting_twice_or_on_a_busy_mountpoint_is_refused(vault: VaultFixture) -> None:
+    assert _mount(vault).returncode == 0
+    again = _mount(vault)
+    assert again.returncode == 1
+    assert_clean_error(again.stderr)
+    assert "already a mount point" in again.stderr
+    other = vault.dir / "mnt2"
+    other.mkdir()
+    second = run_process("mount", vault.container, other, *vault.pw())
+    assert second.returncode == 1 and "already mounted" in second.stderr
+    assert not os.path.ismount(other)
+    run_process("lock", "--all")
+
+
+def test_wrong_password_at_mount_is_refused_audited_and_backs_off(
+    vault: VaultFixture, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad"
+    bad.write_text("not the password at all\n")
+    first = run_process(
+        "mount", vault.container, vault.dir / "mnt", "--token", vault.token, "--password-file", bad
+    )
+    assert first.returncode == 1 and "wrong password or wrong token" in first.stderr
+    start = time.monotonic()
+    second = run_process(
+        "mount", vault.container, vault.dir / "mnt", "--token", vault.token, "--password-file", bad
+    )
+    assert second.returncode == 1
+    assert time.monotonic() - start >= 1.0  # the second try waited for the back-off
+    log = run_process("log", "--json", "--vault", vault.uuid).stdout
+    events = [json.loads(line)["event"] for line in log.splitlines() if line.strip()]
+    assert events.count("unlock_failed") >= 2
+    assert "not the password" not in log
+
+
+SCRIPT_HOLDER = textwrap.dedent(
+    """
+    import os, sys
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    first = os.pread(fd, 64, 0)
+    print("read", first.decode(), flush=True)
+    sys.stdin.readline()   # wait until the test has locked the vault
+    try:
+        again = os.pread(fd, 64, 0)
+        print("after", again.decode(errors="replace"), flush=True)
+    except OSError as exc:
+        print("error", exc.errno, flush=True)
+    """
+)
+
+SCRIPT_WRITER = textwrap.dedent(
+    """
+    import os, sys
+    path, log = sys.argv[1], sys.argv[2]
+    i = 0
+    with open(log, "a") as done:
+        while True:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                os.write(fd, b"line %d\\n" % i)
+                os.fsync(fd)
+                os.close(fd)
+            except OSError as exc:
+                print("error", exc.errno, flush=True)
+                break
+            done.write("%d\\n" % i)
+            done.flush()
+            i += 1
+    """
+)
+
+
+def test_lock_with_a_file_held_open_and_a_writer_running_leaves_no_plaintext_and_keeps_fsynced_data(
+    vault: VaultFixture,
+) -> None:
+    mnt = vault.dir / "mnt"
+    assert _mount(vault).returncode == 0
+    pid = _daemon_pid(vault)
+    secret = mnt / "secret.txt"
+    secret.write_text("TOP-SECRET-PLAINTEXT")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT_HOLDER, str(secret)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout.readline().strip() == "read TOP-SECRET-PLAINTEXT"
+    done_log = vault.dir / "fsynced.txt"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT_WRITER, str(mnt / "log.txt"), str(done_log)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    locked = run_process("lock", mnt)
+    assert locked.returncode == 0, locked.stderr
+    _wait_gone(mnt, pid)
+    out, _ = holder.communicate("go\n", timeout=20)
+    assert "TOP-SECRET" not in out, out
+    assert out.startswith("error"), out
+    writer_out, _ = writer.communicate(timeout=20)
+    assert writer_out.startswith("error")
+    fsynced = [int(x) for x in done_log.read_text().split()]
+    assert len(fsynced) > 3
+    assert _mount(vault).returncode == 0
+    lines = (mnt / "log.txt").read_text().splitlines()
+    for i in fsynced:  # every write that was fsync-ed before the lock is there, in order
+        assert lines[i] == f"line {i}"
+    run_process("lock", mnt)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_signals_to_the_daemon_lock_the_same_way(vault: VaultFixture, sig: signal.Signals) -> None:
+    mnt = vault.dir / "mnt"
+    assert _mount(vault).returncode == 0
+    (mnt / "f").write_text("data")
+    pid = _daemon_pid(vault)
+    os.kill(pid, sig)
+    _wait_gone(mnt, pid)
+    entries = [json.loads(x) for x in run_process("log", "--json", "--vault", vault.uuid).stdout.splitlines()]
+    locks = [e for e in entries if e["event"] == "lock"]
+    assert locks[-1]["reason"] == "signal" and locks[-1]["route"] == sig.name
+    assert _mount(vault).returncode == 0
+    assert (mnt / "f").read_text() == "data"  # committed by the lock
+    run_process("lock", mnt)
+
+
+def test_after_sigkill_the_next_mount_cleans_the_dead_mount(vault: VaultFixture) -> None:
+    mnt = vault.dir / "mnt"
+    assert _mount(vault).returncode == 0
+    (mnt / "f").write_text("data")
+    os.sync()
+    with open(mnt / "f", "rb+") as f:
+        os.fsync(f.fileno())
+    pid = _daemon_pid(vault)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    with pytest.raises(OSError) as err:
+        os.listdir(mnt)
+    assert err.value.errno == 107  # ENOTCONN: the dead mount
+    again = _mount(vault)
+    assert again.returncode == 0, again.stderr
+    assert "cleaned a dead mount" in again.stderr
+    assert (mnt / "f").read_text() == "data"
+    run_process("lock", mnt)
+
+
+def test_lock_cleans_a_dead_mount_left_by_sigkill(vault: VaultFixture) -> None:
+    mnt = vault.dir / "mnt"
+    assert _mount(vault).returncode == 0
+    os.kill(_daemon_pid(vault), signal.SIGKILL)
+    time.sleep(0.5)
+    result = run_process("lock", mnt)
+    assert result.returncode == 0, result.stderr
+    assert not os.path.ismount(mnt)
+    os.listdir(mnt)
+
+
+def test_foreground_mount_locks_on_ctrl_c(vault: VaultFixture) -> None:
+    mnt = vault.dir / "mnt"
+    from cli_helpers import KRYPTVAULT
+
+    proc = subprocess.Popen(
+        [KRYPTVAULT, "mount", str(vault.container), str(mnt), *vault.pw(), "--foreground"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not os.path.ismount(mnt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.path.ismount(mnt)
+    (mnt / "x").write_text("y")
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=20)
+    assert not os.path.ismount(mnt)
+    assert proc.returncode == 0
