@@ -1,5 +1,5 @@
 """Known-answer vectors (tests/vectors/store/store_v1.json), checked three ways: an
-independent reader written from docs/FORMAT-store.md with raw AES-GCM and struct, our
+independent reader written from docs/FORMAT.md §4 with raw AES-GCM and struct, our
 format functions, and a real store run with an injected nonce source."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Commit records: two 4 KiB slots that alternate (docs/FORMAT-store.md, section 5)."""
+"""Commit records: two 4 KiB slots that alternate (docs/FORMAT.md §4.6)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Plaintext group descriptors: per-chunk last-write generations for key-less incremental
-backup (docs/FORMAT-store.md, section 6). A hint only: never trusted for integrity."""
+backup (docs/FORMAT.md §4.8). A hint only: never trusted for integrity."""
 
 from __future__ import annotations
 

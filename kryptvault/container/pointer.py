@@ -1,4 +1,4 @@
-"""Byte layouts of the object store's small structures (docs/FORMAT-store.md, section 2).
+"""Byte layouts of the object store's small structures (docs/FORMAT.md §4.2).
 
 All integers are little-endian. Everything here is a pure function of its arguments so
 that the known-answer vectors in tests/vectors/store/ can be checked without a store.

@@ -1,6 +1,6 @@
 """Copy-on-write encrypted object store over the data area of one container file.
 
-docs/FORMAT-store.md documents every byte; in short:
+docs/FORMAT.md §4 documents every byte; in short:
 
 * objects (oid u64, 0 = the object table) own two byte streams and a 128-byte attr blob;
 * a stream is a radix tree of 64 KiB blocks; block pointers carry unit, length, nonce and

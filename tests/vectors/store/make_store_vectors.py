@@ -1,7 +1,7 @@
 """Regenerates tests/vectors/store/store_v1.json from fixed inputs (run by hand, output
 committed): `.venv/bin/python tests/vectors/store/make_store_vectors.py`.
 
-One Merkle chain, as docs/FORMAT-store.md describes it: commit record -> object-table
+One Merkle chain, as docs/FORMAT.md §4 describes it: commit record -> object-table
 block -> entry of object 1 -> stream root -> indirect block -> data block; plus one group
 descriptor. tests/test_store_vectors.py checks it against the raw primitives and our code.
 """
@@ -108,7 +108,7 @@ def main() -> None:
                                "sha256_of_whole": hashlib.sha256(raw).hexdigest()}
 
     doc = {
-        "description": "kryptvault object store format 1 known-answer vectors (docs/FORMAT-store.md)",
+        "description": "kryptvault object store format 1 known-answer vectors (docs/FORMAT.md §4)",
         "inputs": INPUTS,
         "expected": out,
     }
