@@ -133,7 +133,8 @@ def demo(keep: bool) -> None:
             token = str(token_dir)
         try:
             _say("Creating a vault (password generated for the demo; real use asks you twice)")
-            _run("init", str(container), "--token", token, "--kdf-time-ms", "200", password=password)
+            created = _run("init", str(container), "--token", token, "--kdf-time-ms", "200", password=password)
+            vault_uuid = created.stdout.split()[2]
             _say("Mounting it on a normal folder")
             _run("mount", str(container), str(folder), "--token", token, password=password)
             (folder / "hello.txt").write_text("the vault works\n")
@@ -157,7 +158,7 @@ def demo(keep: bool) -> None:
             )
             click.echo(f"  {folder} is now an empty directory: {sorted(os.listdir(folder))}")
             _say("The audit log")
-            _run("log", "--last", "4", check=False)
+            _run("log", "--vault", vault_uuid, check=False)
             _say("Plugging the token back in does not reopen anything by itself; mounting needs the password")
             if stick is not None:
                 stick.plug()
