@@ -370,8 +370,9 @@ class ObjectStore:
             self._open_damage.append(Damage(oid, stream, level, index, exc.reason))
             return
         f = self._fanout
-        for c in range(min(f, len(node) // PTR)):
-            child = bytes(node[c * PTR : (c + 1) * PTR])
+        # Ceiling division: a pointer may straddle the stored end (missing bytes are zeros).
+        for c in range(min(f, -(-len(node) // PTR))):
+            child = bytes(node[c * PTR : (c + 1) * PTR]).ljust(PTR, b"\0")
             if child != HOLE:
                 self._mark_tree(oid, stream, level - 1, index * f + c, child)
 
@@ -489,7 +490,9 @@ class ObjectStore:
         off = (index % f) * PTR
         if off >= len(parent):
             return HOLE
-        return bytes(parent[off : off + PTR])
+        # The stored form drops trailing zero units, and 4096 is no multiple of PTR, so a
+        # pointer may straddle the stored end: the missing bytes are zeros.
+        return bytes(parent[off : off + PTR]).ljust(PTR, b"\0")
 
     def _node(self, s: _Stream, level: int, index: int) -> bytes | bytearray | None:
         """Current content of a block (dirty copy or authenticated stored form); None = hole."""
@@ -709,8 +712,8 @@ class ObjectStore:
             except BlockIntegrityError:
                 return  # unreachable after commit; the next open reclaims these units
         f = self._fanout
-        for c in range(min(f, len(node) // PTR)):
-            cptr = bytes(node[c * PTR : (c + 1) * PTR])
+        for c in range(min(f, -(-len(node) // PTR))):
+            cptr = bytes(node[c * PTR : (c + 1) * PTR]).ljust(PTR, b"\0")
             child = index * f + c
             if cptr != HOLE or (level - 1 >= 1 and (level - 1, child) in s.dirty):
                 self._free_subtree(s, level - 1, child, cptr)
@@ -1113,9 +1116,9 @@ class ObjectStore:
                             node = content
             if level == 0 or node is None:
                 return
-            for c in range(min(f, len(node) // PTR)):
+            for c in range(min(f, -(-len(node) // PTR))):
                 child = index * f + c
-                cptr = bytes(node[c * PTR : (c + 1) * PTR])
+                cptr = bytes(node[c * PTR : (c + 1) * PTR]).ljust(PTR, b"\0")
                 if cptr != HOLE or (level - 1, child) in dirty:
                     visit(level - 1, child, cptr)
 
