@@ -1,0 +1,303 @@
+"""Backup commands: backup (run, list), verify, restore (docs/BACKUP.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kryptvault.backup.engine import DEFAULT_KEEP, STRATEGIES, run_backup
+from kryptvault.backup.restore import reading_set, run_restore
+from kryptvault.backup.setdir import describe_versions
+from kryptvault.backup.verify import verify_blocks, verify_set
+from kryptvault.cli.app import cli
+from kryptvault.cli.options import (
+    container_argument,
+    password_options,
+    password_source,
+    recovery_asker,
+    recovery_options,
+    token_option,
+)
+from kryptvault.cli.secrets_input import read_secret
+from kryptvault.crypto.secret import harden_process
+from kryptvault.errors import IntegrityError, UsageError
+
+dest_argument = click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+backup_argument = click.argument("backup", type=click.Path(file_okay=False, path_type=Path))
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Machine-readable output, no progress bar.")
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class Progress:
+    """A one-line progress bar on stderr (bytes, rate, ETA), only on a terminal."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled and sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last < 0.1 and (not total or done < total):
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-6)
+        rate = done / elapsed
+        line = f"{self.label}: {human(done)}"
+        if total:
+            width = 24
+            filled = min(width, int(width * done / total)) if total else 0
+            eta = (total - done) / rate if rate > 0 else 0.0
+            line = (f"{self.label}: [{'#' * filled}{'.' * (width - filled)}] {human(done)} / {human(total)}"
+                    f"  {human(rate)}/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        click.echo("\r" + line.ljust(100)[:100], nl=False, err=True)
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.shown:
+            click.echo("\r" + " " * 100 + "\r", nl=False, err=True)
+            self.shown = False
+
+
+class BackupGroup(click.Group):
+    """`kryptvault backup CONTAINER DEST` runs `backup run CONTAINER DEST`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=BackupGroup)
+def backup() -> None:
+    """Back a vault's container up into DEST, or list the versions kept there.
+
+    \b
+    kryptvault backup CONTAINER DEST [--keep N]   (same as: backup run ...)
+    kryptvault backup list DEST
+
+    No key is needed: the container stays encrypted, and later backups copy only what
+    changed since the last one (the container's change tables say where). DEST gets one
+    directory per vault holding current.kv, a plain container of the newest version,
+    plus increments that rebuild the older versions (see 'kryptvault restore').
+    """
+
+
+@backup.command("run")
+@container_argument
+@dest_argument
+@click.option("--keep", type=click.IntRange(1, 10_000), default=DEFAULT_KEEP, show_default=True,
+              help="Versions to keep (the newest plus N-1 older ones).")
+@click.option("--full", "rescan", is_flag=True,
+              help="Read and compare the whole container instead of trusting its change tables "
+                   "(after restoring the vault from an older copy).")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="auto", show_default=True,
+              help="How current.kv is updated: clone it (reflink) when DEST can, else patch it in place; "
+                   "'copy' always copies it first.")
+@json_option
+def backup_run(container: Path, dest: Path, keep: int, rescan: bool, strategy: str, as_json: bool) -> None:
+    """Back CONTAINER up into DEST (the first time in full, then only what changed).
+
+    The container must not be mounted, unless its mount daemon offers a live backup.
+    """
+    bar = Progress("backup", not as_json)
+    try:
+        result = run_backup(container, dest, keep=keep, rescan=rescan, strategy=strategy, progress=bar)
+    finally:
+        bar.finish()
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    how = result.method if result.method == "full" else f"{result.method}, {result.strategy}"
+    live = ", live" if result.live else ""
+    click.echo(f"backed up vault {result.vault_uuid} as version {result.version} ({how}{live})")
+    click.echo(f"  read {human(result.source_bytes_read)} of the {human(result.container_size)} container, "
+               f"wrote {human(result.bytes_written)} in {result.seconds:.2f} s")
+    for note in result.notes:
+        click.echo(f"  note: {note}")
+    kept = result.versions
+    click.echo(f"  {result.set_path}: version{'s' if len(kept) > 1 else ''} "
+               f"{kept[0]}..{kept[-1] if len(kept) > 1 else ''}".rstrip(".")
+               + (f" (removed {', '.join(map(str, result.pruned))})" if result.pruned else ""))
+
+
+@backup.command("list")
+@dest_argument
+@json_option
+def backup_list(dest: Path, as_json: bool) -> None:
+    """List the versions kept in DEST (or in one vault's directory under it)."""
+    with reading_set(dest) as state:
+        rows: list[dict[str, Any]] = []
+        newest = state.newest
+        for v in sorted(state.manifests, reverse=True):
+            m = state.manifests[v]
+            stored: int | None = None
+            if v != newest:
+                nxt = state.manifests.get(v + 1)
+                stored = nxt.previous.sums.size if nxt and nxt.previous else None
+            rows.append({
+                "version": v,
+                "current": v == newest,
+                "backed_up": m.created_text,
+                "container_size": m.size,
+                "stored_bytes": m.size if v == newest else stored,
+                "generation": m.generation,
+                "header_sequence": m.header_sequence,
+                "method": m.method,
+                "live": m.live,
+            })
+        if as_json:
+            click.echo(json.dumps({
+                "backup": str(state.path),
+                "vault_uuid": str(state.vault_uuid),
+                "interrupted_backup_pending": state.pending is not None,
+                "damaged_manifests": sorted(state.bad_manifests),
+                "versions": rows,
+            }, indent=2))
+            return
+        click.echo(f"vault {state.vault_uuid} in {state.path}: {describe_versions(state)}")
+        if state.pending is not None:
+            click.echo("  note: an interrupted backup is pending rollback (done by the next backup)")
+        for v in sorted(state.bad_manifests):
+            click.echo(f"  version {v}: manifest damaged ({state.bad_manifests[v]})")
+        if rows:
+            click.echo(f"  {'version':>8}  {'backed up (UTC)':<20}  {'size':>10}  {'stored':>10}  "
+                       f"{'generation':>10}  method")
+        for row in rows:
+            shown = "current" if row["current"] else (
+                human(row["stored_bytes"]) if row["stored_bytes"] is not None else "?")
+            method = row["method"] + (" (live)" if row["live"] else "")
+            click.echo(f"  {row['version']:>8}  {row['backed_up']:<20}  {human(row['container_size']):>10}  "
+                       f"{shown:>10}  {row['generation']:>10}  {method}")
+
+
+def _parse_version(text: str) -> int | None:
+    if text in ("current", "latest", "newest"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{text!r} is not a version number (or 'current')")
+    if value < 1:
+        raise UsageError("version numbers start at 1")
+    return value
+
+
+@cli.command()
+@backup_argument
+@click.option("--version", "version_text", metavar="V", help="Also rebuild version V and check it in full "
+              "(with --full: check version V's blocks; default: the newest).")
+@click.option("--full", is_flag=True, help="Also unlock the version (token + password or recovery key) "
+              "and authenticate every block.")
+@token_option()
+@password_options
+@recovery_options
+@json_option
+def verify(
+    backup: Path,
+    version_text: str | None,
+    full: bool,
+    token_spec: str | None,
+    password_fd: int | None,
+    password_file: Path | None,
+    recovery: bool,
+    recovery_key_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Check a backup: every manifest, current.kv and every increment against their
+    checksums (no secret needed); names each damaged chunk and the container region in it."""
+    version = _parse_version(version_text) if version_text else None
+    bar = Progress("verify", not as_json)
+    try:
+        report = verify_set(backup, version=version, progress=bar)
+    finally:
+        bar.finish()
+    block_result: tuple[int, int, list[str]] | None = None
+    if full:
+        harden_process()
+        source = password_source(password_fd, password_file)
+        block_result = verify_blocks(
+            backup, version,
+            token_spec=token_spec,
+            ask_password=lambda: read_secret(source, "Password: "),
+            ask_recovery_key=recovery_asker(recovery, recovery_key_file),
+        )
+        report.blocks[block_result[0]] = block_result[2]
+    if as_json:
+        out = report.to_json()
+        if block_result is not None:
+            out["full"] = {"version": block_result[0], "generation": block_result[1],
+                           "damage": block_result[2]}
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(f"backup of vault {report.vault_uuid} in {report.set_path}: "
+                   f"{len(report.versions)} version(s), checked {human(report.checked_bytes)}")
+        for note in report.notes:
+            click.echo(f"  note: {note}")
+        for problem in report.problems:
+            click.echo(f"  DAMAGED {problem.text()}")
+        if report.rebuilt:
+            click.echo(f"  rebuilt version {', '.join(map(str, report.rebuilt))} and checked every chunk")
+        if block_result is not None:
+            v, generation, damage = block_result
+            for line in damage:
+                click.echo(f"  DAMAGED version {v}: {line}")
+            if not damage:
+                click.echo(f"  version {v}: every block authenticates (commit generation {generation})")
+    if not report.ok:
+        count = len(report.problems) + sum(len(d) for d in report.blocks.values())
+        raise IntegrityError(f"the backup is damaged: {count} problem(s) found")
+    if not as_json:
+        click.echo("  OK")
+
+
+@cli.command()
+@backup_argument
+@click.argument("rest", nargs=-1, required=True, metavar="[VERSION] CONTAINER")
+@click.option("--force", is_flag=True, help="Overwrite an existing container file.")
+@json_option
+def restore(backup: Path, rest: tuple[str, ...], force: bool, as_json: bool) -> None:
+    """Rebuild a version kept in BACKUP (default: the newest) into CONTAINER.
+
+    VERSION is a number from 'kryptvault backup list' or 'current'. The container is
+    written to a temporary file, checked chunk by chunk against the backup's checksums,
+    and renamed into place only when complete.
+    """
+    if len(rest) == 1:
+        version, target = None, Path(rest[0])
+    elif len(rest) == 2:
+        version, target = _parse_version(rest[0]), Path(rest[1])
+    else:
+        raise UsageError("give BACKUP, optionally VERSION, and CONTAINER")
+    bar = Progress("restore", not as_json)
+    try:
+        result = run_restore(backup, version, target, force=force, progress=bar)
+    finally:
+        bar.finish()
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    which = "the newest version" if result.version == result.newest else "an older version"
+    click.echo(f"restored version {result.version} ({which}, backed up {result.manifest.created_text}) "
+               f"of vault {result.vault_uuid} to {result.target}")
+    click.echo("  This container is older than the vault this machine last mounted: its first mount "
+               "needs --accept-rollback.")
+    click.echo(f"  Back it up next with 'kryptvault backup --full {os.fspath(result.target)} DEST'.")

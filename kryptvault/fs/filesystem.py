@@ -1,0 +1,1020 @@
+"""POSIX filesystem semantics over the ObjectStore, addressed by inode number (= object id).
+
+The FUSE adapter resolves paths with `resolve()`/`lookup()` and calls the inode-number API
+below. Every method takes the one filesystem lock for its whole (short) duration; errors
+are `FsError(errno)`. Changes go to the store at once (data) or to the in-memory inode
+cache (attributes, flushed by `commit()`); `commit()` makes everything durable and atomic.
+
+Objects: oid 1 is the root directory. A regular file keeps its bytes in stream 0, a
+symlink its target, a directory its entries (directory.py); stream 1 holds the extended
+attributes (xattr.py). Permission checks are the kernel's job (`default_permissions`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kryptvault.errors import IntegrityError
+from kryptvault.fs import xattr as xattrs
+from kryptvault.fs.directory import MAGIC as DIR_MAGIC
+from kryptvault.fs.directory import NAME_MAX, Directory
+from kryptvault.fs.errors import FsError
+from kryptvault.fs.inode import Inode
+from kryptvault.fs.sealing import SealableLock
+
+log = logging.getLogger("kryptvault.fs")
+
+ROOT_INO = 1
+DATA = 0
+AUX = 1
+
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+SYMLINK_MAX = 4095
+LINK_MAX = 65000
+MAX_FILE_SIZE = (1 << 63) - 1
+BLKSIZE = 65536
+# Clean inodes/directories kept in memory beyond those in use.
+CACHE_LIMIT = 20000
+
+_S_IFMT = 0o170000
+_PERM = 0o7777
+
+
+class StoreStatsLike(Protocol):
+    block_size: int
+    total_units: int
+    free_units: int
+    used_units: int
+    objects: int
+
+
+class StoreLike(Protocol):
+    """The part of kryptvault.container.store.ObjectStore the filesystem uses."""
+
+    def allocate_oid(self) -> int: ...
+    def free_oid(self, oid: int) -> None: ...
+    def oid_in_use(self, oid: int) -> bool: ...
+    def iter_oids(self) -> Iterator[int]: ...
+    def get_attrs(self, oid: int) -> bytes: ...
+    def set_attrs(self, oid: int, attrs: bytes) -> None: ...
+    def read(self, oid: int, stream: int, offset: int, size: int) -> bytes: ...
+    def write(self, oid: int, stream: int, offset: int, data: bytes) -> None: ...
+    def truncate(self, oid: int, stream: int, size: int) -> None: ...
+    def stream_size(self, oid: int, stream: int) -> int: ...
+    def commit(self) -> int: ...
+    def dirty_bytes(self) -> int: ...
+    def statfs(self) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    blksize: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    btime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatFs:
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    favail: int
+    namemax: int
+
+
+@dataclass(slots=True)
+class Handle:
+    ino: int
+    append: bool
+
+
+def check_name(name: bytes) -> None:
+    if not name:
+        raise FsError(errno.ENOENT)
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if b"/" in name or b"\0" in name:
+        raise FsError(errno.EINVAL)
+
+
+class Filesystem:
+    """The filesystem over one ObjectStore. Thread-safe (one lock)."""
+
+    def __init__(
+        self,
+        store: StoreLike,
+        *,
+        host_dir: str | None = None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.store = store
+        self.host_dir = host_dir
+        self._now = clock
+        self._lock = SealableLock()
+        self.last_commit: float | None = None
+        self._inodes: dict[int, Inode] = {}
+        self._dirty: set[int] = set()
+        self._dirs: dict[int, Directory] = {}
+        self._handles: dict[int, Handle] = {}
+        # Names of unlinked-but-open files that libfuse still uses ("hidden" files, see
+        # hide()): parent ino -> {name: ino}. In memory only; never listed by readdir.
+        self._hidden: dict[int, dict[bytes, int]] = {}
+        self._next_fh = 1
+        self._dirty_since: float | None = None
+        self.commits = 0
+        with self._lock:
+            root = self._load(ROOT_INO)
+            if root is None or not root.is_dir:
+                raise FsError(errno.EIO, "the vault has no root directory")
+            self._free_orphans()
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def mkfs(cls, store: StoreLike, uid: int, gid: int, mode: int = 0o755) -> Filesystem:
+        """Create the root directory (oid 1) in an empty store, commit, and open it."""
+        oid = store.allocate_oid()
+        if oid != ROOT_INO:
+            raise FsError(errno.EEXIST, f"store is not empty (first free object is {oid})")
+        root = Inode(oid, stat.S_IFDIR | (mode & _PERM), uid, gid, 2, time.time_ns(), parent=oid)
+        store.write(oid, DATA, 0, DIR_MAGIC)
+        store.set_attrs(oid, root.pack())
+        store.commit()
+        return cls(store)
+
+    # ------------------------------------------------------------------ internals
+    def _mark(self) -> None:
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+
+    def _touch(self, node: Inode) -> None:
+        self._dirty.add(node.oid)
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+
+    def _load(self, oid: int) -> Inode | None:
+        node = self._inodes.get(oid)
+        if node is not None:
+            return node
+        if oid <= 0 or not self.store.oid_in_use(oid):
+            return None
+        try:
+            node = Inode.unpack(oid, self.store.get_attrs(oid))
+        except IntegrityError as e:
+            log.error("object %d: attributes fail to authenticate: %s", oid, e)
+            raise FsError(errno.EIO, str(e)) from e
+        except ValueError as e:
+            log.error("object %d: %s", oid, e)
+            raise FsError(errno.EIO, str(e)) from e
+        if node is None:
+            return None
+        if len(self._inodes) >= CACHE_LIMIT:
+            self._shrink()
+        self._inodes[oid] = node
+        return node
+
+    def _shrink(self) -> None:
+        """Drop clean, unused inodes and directories from the caches."""
+        for oid in [o for o, n in self._inodes.items() if o not in self._dirty and n.opens == 0]:
+            if oid != ROOT_INO:
+                del self._inodes[oid]
+        if len(self._dirs) >= CACHE_LIMIT // 4:
+            root = self._dirs.get(ROOT_INO)
+            self._dirs.clear()
+            if root is not None:
+                self._dirs[ROOT_INO] = root
+
+    def _get(self, ino: int) -> Inode:
+        node = self._inodes.get(ino)
+        if node is None:
+            node = self._load(ino)
+            if node is None:
+                raise FsError(errno.ENOENT)
+        return node
+
+    def _dir(self, node: Inode) -> Directory:
+        d = self._dirs.get(node.oid)
+        if d is not None:
+            return d
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        try:
+            size = self.store.stream_size(node.oid, DATA)
+            data = self.store.read(node.oid, DATA, 0, size) if size else b""
+            d = Directory.load(data)
+        except IntegrityError as e:
+            log.error("directory object %d fails to authenticate: %s", node.oid, e)
+            raise FsError(errno.EIO, str(e)) from e
+        except ValueError as e:
+            log.error("directory object %d is damaged: %s", node.oid, e)
+            raise FsError(errno.EIO, str(e)) from e
+        if len(self._dirs) >= CACHE_LIMIT // 4:
+            self._shrink()
+        self._dirs[node.oid] = d
+        return d
+
+    def _dir_apply(self, node: Inode, d: Directory, write: tuple[int, bytes]) -> None:
+        self.store.write(node.oid, DATA, write[0], write[1])
+        if d.needs_compaction():
+            data = d.compact()
+            self.store.write(node.oid, DATA, 0, data)
+            self.store.truncate(node.oid, DATA, len(data))
+
+    def _dirnode(self, ino: int) -> tuple[Inode, Directory]:
+        node = self._get(ino)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return node, self._dir(node)
+
+    def _new(self, mode: int, uid: int, gid: int, parent: Inode, rdev: int = 0) -> Inode:
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        try:
+            oid = self.store.allocate_oid()
+        except OSError as e:
+            raise FsError(e.errno or errno.ENOSPC, str(e)) from e
+        is_dir = stat.S_ISDIR(mode)
+        node = Inode(
+            oid,
+            mode,
+            uid,
+            gid,
+            2 if is_dir else 1,
+            self._now(),
+            rdev,
+            parent.oid if is_dir else 0,
+        )
+        self._inodes[oid] = node
+        self._touch(node)
+        return node
+
+    def _link_into(self, parent: Inode, d: Directory, name: bytes, node: Inode) -> None:
+        self._dir_apply(parent, d, d.add(name, node.oid, node.dtype))
+        now = self._now()
+        parent.mtime_ns = parent.ctime_ns = now
+        if node.is_dir:
+            parent.nlink += 1
+        self._touch(parent)
+
+    def _drop_link(self, node: Inode) -> None:
+        """One name of `node` is gone: lower nlink, free the object if nothing uses it."""
+        if node.is_dir:
+            node.nlink = 0
+        else:
+            node.nlink = max(0, node.nlink - 1)
+        node.ctime_ns = self._now()
+        self._touch(node)
+        if node.nlink == 0 and node.opens == 0:
+            self._free(node)
+
+    def _free(self, node: Inode) -> None:
+        oid = node.oid
+        self._inodes.pop(oid, None)
+        self._dirs.pop(oid, None)
+        self._dirty.discard(oid)
+        self.store.free_oid(oid)
+        self._mark()
+
+    def _free_orphans(self) -> None:
+        """Free objects a crash left without a name (nlink 0) or half-created."""
+        freed = 0
+        for oid in list(self.store.iter_oids()):
+            if oid == ROOT_INO:
+                continue
+            try:
+                node = Inode.unpack(oid, self.store.get_attrs(oid))
+            except (IntegrityError, ValueError) as e:
+                log.error("object %d: attributes unreadable (%s); left in place", oid, e)
+                continue
+            if node is None or node.nlink == 0:
+                self.store.free_oid(oid)
+                freed += 1
+        if freed:
+            log.info("freed %d orphaned objects left by an unclean shutdown", freed)
+            self.store.commit()
+
+    def _size(self, node: Inode) -> int:
+        return self.store.stream_size(node.oid, DATA)
+
+    def _stat(self, node: Inode) -> Stat:
+        size = self.store.stream_size(node.oid, DATA)
+        return Stat(
+            node.oid,
+            node.mode,
+            node.nlink,
+            node.uid,
+            node.gid,
+            node.rdev,
+            size,
+            (size + 511) >> 9,
+            BLKSIZE,
+            node.atime_ns,
+            node.mtime_ns,
+            node.ctime_ns,
+            node.btime_ns,
+        )
+
+    def _is_ancestor(self, ancestor: int, ino: int) -> bool:
+        """True if directory `ancestor` is `ino` or one of its ancestors."""
+        seen = 0
+        while True:
+            if ino == ancestor:
+                return True
+            if ino == ROOT_INO:
+                return False
+            node = self._get(ino)
+            ino = node.parent
+            seen += 1
+            if seen > 1 << 16 or ino == 0:
+                raise FsError(errno.EIO, "directory parent chain is broken")
+
+    # ------------------------------------------------------------------ commit
+    def commit(self) -> int:
+        """Flush cached attributes and commit the store (atomic + durable)."""
+        with self._lock:
+            return self._commit()
+
+    def _commit(self) -> int:
+        store = self.store
+        for oid in self._dirty:
+            node = self._inodes.get(oid)
+            if node is not None:
+                store.set_attrs(oid, node.pack())
+        self._dirty.clear()
+        self._dirty_since = None
+        self.commits += 1
+        generation = store.commit()
+        self.last_commit = time.monotonic()
+        return generation
+
+    def dirty_since(self) -> float | None:
+        """time.monotonic() of the first change not yet committed, or None."""
+        since = self._dirty_since
+        if since is None and (self._dirty or self.store.dirty_bytes() > 0):
+            with self._lock:
+                if self._dirty_since is None:
+                    self._dirty_since = time.monotonic()
+                since = self._dirty_since
+        return since
+
+    # ------------------------------------------------------------------ lookup
+    def lookup(self, parent: int, name: bytes) -> int:
+        with self._lock:
+            node, d = self._dirnode(parent)
+            if name == b".":
+                return parent
+            if name == b"..":
+                return node.parent or ROOT_INO
+            entry = d.get(name)
+            if entry is None:
+                hidden = self._hidden.get(parent)
+                if hidden is not None and name in hidden:
+                    return hidden[name]
+                if len(name) > NAME_MAX:
+                    raise FsError(errno.ENAMETOOLONG)
+                raise FsError(errno.ENOENT)
+            return entry[0]
+
+    def resolve(self, path: bytes) -> int:
+        """The inode of an absolute path inside the vault ("/" is the root); no symlinks."""
+        with self._lock:
+            ino = ROOT_INO
+            for name in path.split(b"/"):
+                if not name:
+                    continue
+                d = self._dirs.get(ino)
+                if d is None:
+                    d = self._dirnode(ino)[1]
+                entry = d.entries.get(name)
+                if entry is None:
+                    if name == b".":
+                        continue
+                    if name == b"..":
+                        ino = self._get(ino).parent or ROOT_INO
+                        continue
+                    hidden = self._hidden.get(ino)
+                    if hidden is not None and name in hidden:
+                        ino = hidden[name]
+                        continue
+                    raise FsError(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
+                ino = entry[0]
+            return ino
+
+    def resolve_parent(self, path: bytes) -> tuple[int, bytes]:
+        """(inode of the parent directory, last name) of an absolute path."""
+        head, _, name = path.rstrip(b"/").rpartition(b"/")
+        if not name:
+            raise FsError(errno.EBUSY)  # the root itself
+        return self.resolve(head), name
+
+    def getattr(self, ino: int) -> Stat:
+        with self._lock:
+            return self._stat(self._get(ino))
+
+    def readdir(self, ino: int) -> list[tuple[bytes, int, int]]:
+        """[(name, ino, S_IFMT bits)] including "." and ".."."""
+        with self._lock:
+            node, d = self._dirnode(ino)
+            out = [(b".", ino, stat.S_IFDIR), (b"..", node.parent or ROOT_INO, stat.S_IFDIR)]
+            out.extend((name, oid, typ << 12) for name, oid, typ in d.items())
+            return out
+
+    def readdir_plus(self, ino: int) -> list[tuple[bytes, Stat | None]]:
+        """[(name, Stat)] of every entry except "." and ".."; Stat is None if unreadable."""
+        with self._lock:
+            _, d = self._dirnode(ino)
+            out: list[tuple[bytes, Stat | None]] = []
+            for name, oid, _typ in d.items():
+                try:
+                    out.append((name, self._stat(self._get(oid))))
+                except FsError:
+                    out.append((name, None))
+            return out
+
+    # ------------------------------------------------------------------ create
+    def _prepare_create(self, parent: int, name: bytes) -> tuple[Inode, Directory]:
+        check_name(name)
+        pnode, d = self._dirnode(parent)
+        if name in (b".", b"..") or name in d.entries:
+            raise FsError(errno.EEXIST)
+        if pnode.nlink == 0:
+            raise FsError(errno.ENOENT)
+        return pnode, d
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Stat:
+        with self._lock:
+            pnode, d = self._prepare_create(parent, name)
+            if pnode.nlink >= LINK_MAX:
+                raise FsError(errno.EMLINK)
+            node = self._new(stat.S_IFDIR | (mode & _PERM), uid, gid, pnode)
+            self.store.write(node.oid, DATA, 0, DIR_MAGIC)
+            self._dirs[node.oid] = Directory()
+            self._link_into(pnode, d, name, node)
+            return self._stat(node)
+
+    def mknod(
+        self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+    ) -> Stat:
+        with self._lock:
+            fmt = mode & _S_IFMT
+            if fmt == 0:
+                fmt = stat.S_IFREG
+            if fmt in (stat.S_IFCHR, stat.S_IFBLK):
+                if uid != 0:
+                    raise FsError(errno.EPERM)
+            elif fmt in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+                rdev = 0
+            else:
+                raise FsError(errno.EINVAL)
+            pnode, d = self._prepare_create(parent, name)
+            node = self._new(fmt | (mode & _PERM), uid, gid, pnode, rdev)
+            self._link_into(pnode, d, name, node)
+            return self._stat(node)
+
+    def create(
+        self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[Stat, int]:
+        """Create a regular file (EEXIST if the name exists) and open it; (stat, fh)."""
+        with self._lock:
+            pnode, d = self._prepare_create(parent, name)
+            node = self._new(stat.S_IFREG | (mode & _PERM), uid, gid, pnode)
+            self._link_into(pnode, d, name, node)
+            fh = self._open(node, flags)
+            return self._stat(node), fh
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Stat:
+        with self._lock:
+            if not target:
+                raise FsError(errno.ENOENT)
+            if len(target) > SYMLINK_MAX:
+                raise FsError(errno.ENAMETOOLONG)
+            if b"\0" in target:
+                raise FsError(errno.EINVAL)
+            pnode, d = self._prepare_create(parent, name)
+            node = self._new(stat.S_IFLNK | 0o777, uid, gid, pnode)
+            self.store.write(node.oid, DATA, 0, target)
+            self._link_into(pnode, d, name, node)
+            return self._stat(node)
+
+    def readlink(self, ino: int) -> bytes:
+        with self._lock:
+            node = self._get(ino)
+            if not node.is_lnk:
+                raise FsError(errno.EINVAL)
+            return self._read(node, 0, self._size(node))
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Stat:
+        with self._lock:
+            node = self._get(ino)
+            if node.is_dir:
+                raise FsError(errno.EPERM)
+            pnode, d = self._prepare_create(new_parent, new_name)
+            if node.nlink == 0:
+                raise FsError(errno.ENOENT)
+            if node.nlink >= LINK_MAX:
+                raise FsError(errno.EMLINK)
+            self._dir_apply(pnode, d, d.add(new_name, node.oid, node.dtype))
+            now = self._now()
+            pnode.mtime_ns = pnode.ctime_ns = now
+            self._touch(pnode)
+            node.nlink += 1
+            node.ctime_ns = now
+            self._touch(node)
+            return self._stat(node)
+
+    # ------------------------------------------------------------------ remove
+    def unlink(self, parent: int, name: bytes) -> None:
+        with self._lock:
+            pnode, d = self._dirnode(parent)
+            entry = d.get(name)
+            if entry is None:
+                hidden = self._hidden.get(parent)
+                if hidden is not None and name in hidden:
+                    del hidden[name]  # libfuse's final unlink of a hidden file
+                    if not hidden:
+                        del self._hidden[parent]
+                    return
+                check_name(name)
+                raise FsError(errno.ENOENT)
+            node = self._get(entry[0])
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            self._dir_apply(pnode, d, d.remove(name))
+            pnode.mtime_ns = pnode.ctime_ns = self._now()
+            self._touch(pnode)
+            self._drop_link(node)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        with self._lock:
+            pnode, d = self._dirnode(parent)
+            if name == b".":
+                raise FsError(errno.EINVAL)
+            if name == b"..":
+                raise FsError(errno.ENOTEMPTY)
+            entry = d.get(name)
+            if entry is None:
+                check_name(name)
+                raise FsError(errno.ENOENT)
+            node = self._get(entry[0])
+            if not node.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if node.oid == ROOT_INO:
+                raise FsError(errno.EBUSY)
+            if len(self._dir(node)):
+                raise FsError(errno.ENOTEMPTY)
+            self._dir_apply(pnode, d, d.remove(name))
+            pnode.mtime_ns = pnode.ctime_ns = self._now()
+            pnode.nlink -= 1
+            self._touch(pnode)
+            self._hidden.pop(node.oid, None)
+            self._drop_link(node)
+
+    def hide(self, parent: int, name: bytes, hidden_name: bytes) -> None:
+        """Unlink `name` but keep answering to `hidden_name` until libfuse unlinks that.
+
+        libfuse's path API renames a file that is unlinked while open to a hidden name
+        (".fuse_hidden...") so that later calls on the open file still have a path (fstat,
+        for one, reaches the filesystem only by path). Here that rename is an unlink: the
+        file loses its name and link count at once (and is freed on its last release or,
+        after a crash, as an orphan on the next mount), and the hidden name lives only in
+        memory, invisible to readdir and to rmdir's emptiness check.
+        """
+        with self._lock:
+            check_name(hidden_name)
+            pnode, d = self._dirnode(parent)
+            entry = d.get(name)
+            if entry is None:
+                raise FsError(errno.ENOENT)
+            node = self._get(entry[0])
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            self._dir_apply(pnode, d, d.remove(name))
+            pnode.mtime_ns = pnode.ctime_ns = self._now()
+            self._touch(pnode)
+            self._hidden.setdefault(parent, {})[hidden_name] = node.oid
+            self._drop_link(node)
+
+    def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+    ) -> None:
+        with self._lock:
+            if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+                raise FsError(errno.EINVAL)
+            if flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE:
+                raise FsError(errno.EINVAL)
+            opnode, od = self._dirnode(old_parent)
+            npnode, nd = self._dirnode(new_parent)
+            for nm in (old_name, new_name):
+                if nm in (b".", b".."):
+                    raise FsError(errno.EBUSY if nm == b"." else errno.ENOTEMPTY)
+            src = od.get(old_name)
+            if src is None:
+                check_name(old_name)
+                raise FsError(errno.ENOENT)
+            check_name(new_name)
+            snode = self._get(src[0])
+            dst = nd.get(new_name)
+            if flags & RENAME_EXCHANGE:
+                if dst is None:
+                    raise FsError(errno.ENOENT)
+                self._exchange(opnode, od, old_name, snode, npnode, nd, new_name, self._get(dst[0]))
+                return
+            dnode: Inode | None = None
+            if dst is not None:
+                if flags & RENAME_NOREPLACE:
+                    raise FsError(errno.EEXIST)
+                if dst[0] == snode.oid:
+                    return  # the same file under both names: POSIX says do nothing
+                dnode = self._get(dst[0])
+                if snode.is_dir:
+                    if not dnode.is_dir:
+                        raise FsError(errno.ENOTDIR)
+                    if len(self._dir(dnode)):
+                        raise FsError(errno.ENOTEMPTY)
+                elif dnode.is_dir:
+                    raise FsError(errno.EISDIR)
+            moving_dir = snode.is_dir and old_parent != new_parent
+            if moving_dir:
+                if self._is_ancestor(snode.oid, new_parent):
+                    raise FsError(errno.EINVAL)
+                if npnode.nlink >= LINK_MAX and dnode is None:
+                    raise FsError(errno.EMLINK)
+            if npnode.nlink == 0:
+                raise FsError(errno.ENOENT)
+            # Perform: the new name first, then drop the old one.
+            if dnode is not None:
+                self._dir_apply(npnode, nd, nd.replace(new_name, snode.oid, snode.dtype))
+            else:
+                self._dir_apply(npnode, nd, nd.add(new_name, snode.oid, snode.dtype))
+            self._dir_apply(opnode, od, od.remove(old_name))
+            now = self._now()
+            if moving_dir:
+                snode.parent = new_parent
+                opnode.nlink -= 1
+                npnode.nlink += 1
+            if dnode is not None and dnode.is_dir:
+                npnode.nlink -= 1
+            snode.ctime_ns = now
+            opnode.mtime_ns = opnode.ctime_ns = now
+            npnode.mtime_ns = npnode.ctime_ns = now
+            self._touch(snode)
+            self._touch(opnode)
+            self._touch(npnode)
+            if dnode is not None:
+                self._drop_link(dnode)
+
+    def _exchange(
+        self,
+        opnode: Inode,
+        od: Directory,
+        old_name: bytes,
+        a: Inode,
+        npnode: Inode,
+        nd: Directory,
+        new_name: bytes,
+        b: Inode,
+    ) -> None:
+        if a.oid == b.oid:
+            return
+        if opnode.oid != npnode.oid:
+            if a.is_dir and self._is_ancestor(a.oid, npnode.oid):
+                raise FsError(errno.EINVAL)
+            if b.is_dir and self._is_ancestor(b.oid, opnode.oid):
+                raise FsError(errno.EINVAL)
+        self._dir_apply(opnode, od, od.replace(old_name, b.oid, b.dtype))
+        self._dir_apply(npnode, nd, nd.replace(new_name, a.oid, a.dtype))
+        if opnode.oid != npnode.oid:
+            if a.is_dir:
+                a.parent = npnode.oid
+                opnode.nlink -= 1
+                npnode.nlink += 1
+            if b.is_dir:
+                b.parent = opnode.oid
+                npnode.nlink -= 1
+                opnode.nlink += 1
+        now = self._now()
+        for n in (a, b):
+            n.ctime_ns = now
+            self._touch(n)
+        for p in (opnode, npnode):
+            p.mtime_ns = p.ctime_ns = now
+            self._touch(p)
+
+    # ------------------------------------------------------------------ file data
+    def _open(self, node: Inode, flags: int, append_in_fs: bool = True) -> int:
+        if node.is_dir and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise FsError(errno.EISDIR)
+        if flags & os.O_TRUNC and node.is_reg and flags & os.O_ACCMODE != os.O_RDONLY:
+            self._truncate(node, 0)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(node.oid, bool(flags & os.O_APPEND) and append_in_fs)
+        node.opens += 1
+        return fh
+
+    def open(self, ino: int, flags: int, *, append_in_fs: bool = True) -> int:
+        """Open `ino`; returns a handle. `append_in_fs=False` leaves O_APPEND to the kernel
+        (writeback-cache mounts, where the kernel computes the append offset)."""
+        with self._lock:
+            node = self._get(ino)
+            if node.nlink == 0 and node.opens == 0:
+                raise FsError(errno.ENOENT)
+            return self._open(node, flags, append_in_fs)
+
+    def set_append(self, fh: int, append: bool) -> None:
+        with self._lock:
+            self._handle(fh).append = append
+
+    def handle_ino(self, fh: int) -> int:
+        return self._handle(fh).ino
+
+    def _handle(self, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise FsError(errno.EBADF)
+        return h
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            h = self._handles.pop(fh, None)
+            if h is None:
+                return
+            node = self._inodes.get(h.ino)
+            if node is None:
+                return
+            node.opens -= 1
+            if node.opens <= 0 and node.nlink == 0:
+                node.opens = 0
+                self._free(node)
+
+    def _read(self, node: Inode, offset: int, size: int) -> bytes:
+        try:
+            return self.store.read(node.oid, DATA, offset, size)
+        except IntegrityError as e:
+            log.error("object %d: data fails to authenticate: %s", node.oid, e)
+            raise FsError(errno.EIO, str(e)) from e
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        with self._lock:
+            h = self._handles.get(fh)
+            if h is None:
+                raise FsError(errno.EBADF)
+            if offset < 0:
+                raise FsError(errno.EINVAL)
+            try:
+                return self.store.read(h.ino, DATA, offset, size)
+            except IntegrityError as e:
+                log.error("object %d: data fails to authenticate: %s", h.ino, e)
+                raise FsError(errno.EIO, str(e)) from e
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        with self._lock:
+            h = self._handles.get(fh)
+            if h is None:
+                raise FsError(errno.EBADF)
+            node = self._inodes[h.ino]
+            store = self.store
+            if h.append:
+                offset = store.stream_size(h.ino, DATA)
+            if offset < 0:
+                raise FsError(errno.EINVAL)
+            if offset + len(data) > MAX_FILE_SIZE:
+                raise FsError(errno.EFBIG)
+            try:
+                store.write(h.ino, DATA, offset, data)
+            except IntegrityError as e:
+                log.error("object %d: data fails to authenticate: %s", h.ino, e)
+                raise FsError(errno.EIO, str(e)) from e
+            except OSError as e:
+                raise FsError(e.errno or errno.EIO, str(e)) from e
+            node.mtime_ns = node.ctime_ns = self._now()
+            self._dirty.add(h.ino)
+            if self._dirty_since is None:
+                self._dirty_since = time.monotonic()
+            return len(data)
+
+    def _truncate(self, node: Inode, size: int) -> None:
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        if not node.is_reg:
+            raise FsError(errno.EINVAL)
+        if size < 0:
+            raise FsError(errno.EINVAL)
+        if size > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
+        try:
+            self.store.truncate(node.oid, DATA, size)
+        except IntegrityError as e:
+            log.error("object %d: data fails to authenticate: %s", node.oid, e)
+            raise FsError(errno.EIO, str(e)) from e
+        node.mtime_ns = node.ctime_ns = self._now()
+        self._touch(node)
+
+    def truncate(self, ino: int, size: int) -> None:
+        with self._lock:
+            self._truncate(self._get(ino), size)
+
+    def fsync(self, ino: int | None = None) -> None:
+        """Make everything durable (the store commits the whole vault atomically)."""
+        with self._lock:
+            if self._dirty or self._dirty_since is not None or self.store.dirty_bytes() > 0:
+                self._commit()
+
+    # ------------------------------------------------------------------ attributes
+    def chmod(self, ino: int, mode: int) -> Stat:
+        with self._lock:
+            node = self._get(ino)
+            node.mode = (node.mode & _S_IFMT) | (mode & _PERM)
+            node.ctime_ns = self._now()
+            self._touch(node)
+            return self._stat(node)
+
+    def chown(
+        self,
+        ino: int,
+        uid: int,
+        gid: int,
+        *,
+        caller_uid: int | None = None,
+        caller_groups: tuple[int, ...] = (),
+    ) -> Stat:
+        """Change owner/group (-1 keeps one). With `caller_uid` given, enforce the Linux
+        rules (only root changes the owner; the owner may pick one of its groups)."""
+        with self._lock:
+            node = self._get(ino)
+            if caller_uid is not None and caller_uid != 0:
+                if uid not in (-1, node.uid):
+                    raise FsError(errno.EPERM)
+                if gid not in (-1, node.gid) and (
+                    caller_uid != node.uid or gid not in caller_groups
+                ):
+                    raise FsError(errno.EPERM)
+            if uid == -1 and gid == -1:
+                return self._stat(node)
+            if uid != -1:
+                node.uid = uid
+            if gid != -1:
+                node.gid = gid
+            if not node.is_dir:
+                kill = stat.S_ISUID
+                if node.mode & stat.S_IXGRP:
+                    kill |= stat.S_ISGID
+                node.mode &= ~kill
+            node.ctime_ns = self._now()
+            self._touch(node)
+            return self._stat(node)
+
+    def utimens(self, ino: int, atime_ns: int = UTIME_NOW, mtime_ns: int = UTIME_NOW) -> Stat:
+        """Set times in ns; UTIME_NOW / UTIME_OMIT as in utimensat(2)."""
+        with self._lock:
+            node = self._get(ino)
+            if atime_ns == UTIME_OMIT and mtime_ns == UTIME_OMIT:
+                return self._stat(node)
+            now = self._now()
+            if atime_ns != UTIME_OMIT:
+                node.atime_ns = now if atime_ns == UTIME_NOW else atime_ns
+            if mtime_ns != UTIME_OMIT:
+                node.mtime_ns = now if mtime_ns == UTIME_NOW else mtime_ns
+            node.ctime_ns = now
+            self._touch(node)
+            return self._stat(node)
+
+    # ------------------------------------------------------------------ xattrs
+    def _xattrs(self, node: Inode) -> dict[bytes, bytes]:
+        if node.xattrs is None:
+            size = self.store.stream_size(node.oid, AUX)
+            if size == 0:
+                node.xattrs = {}
+            else:
+                try:
+                    node.xattrs = xattrs.load(self.store.read(node.oid, AUX, 0, size))
+                except IntegrityError as e:
+                    log.error("object %d: xattrs fail to authenticate: %s", node.oid, e)
+                    raise FsError(errno.EIO, str(e)) from e
+                except ValueError as e:
+                    log.error("object %d: xattrs damaged: %s", node.oid, e)
+                    raise FsError(errno.EIO, str(e)) from e
+        return node.xattrs
+
+    def _store_xattrs(self, node: Inode, attrs: dict[bytes, bytes]) -> None:
+        data = xattrs.dump(attrs)
+        if data:
+            self.store.write(node.oid, AUX, 0, data)
+        self.store.truncate(node.oid, AUX, len(data))
+        node.ctime_ns = self._now()
+        self._touch(node)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        with self._lock:
+            node = self._get(ino)
+            attrs = self._xattrs(node)
+            xattrs.check_set(attrs, name, value, flags)
+            attrs[name] = bytes(value)
+            self._store_xattrs(node, attrs)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        with self._lock:
+            node = self._get(ino)
+            xattrs.check_name(name)
+            value = self._xattrs(node).get(name)
+            if value is None:
+                raise FsError(errno.ENODATA)
+            return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        with self._lock:
+            return list(self._xattrs(self._get(ino)))
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        with self._lock:
+            node = self._get(ino)
+            xattrs.check_name(name)
+            attrs = self._xattrs(node)
+            if name not in attrs:
+                raise FsError(errno.ENODATA)
+            del attrs[name]
+            self._store_xattrs(node, attrs)
+
+    # ------------------------------------------------------------------ whole fs
+    def statfs(self) -> StatFs:
+        """Units of the container's data area, plus what the container can still grow
+        into on the host filesystem (when `host_dir` was given): the container file
+        grows on demand, so the host's free space is the vault's free space too."""
+        with self._lock:
+            s = self.store.statfs()
+        unit = int(getattr(s, "unit_size", s.block_size))
+        total = int(s.total_units)
+        free = int(s.free_units)
+        avail = free
+        if self.host_dir is not None:
+            try:
+                host = os.statvfs(self.host_dir)
+                grow = host.f_bavail * host.f_frsize // unit
+                growf = host.f_bfree * host.f_frsize // unit
+            except OSError:
+                grow = growf = 0
+            total += growf
+            free += growf
+            avail += grow
+        return StatFs(
+            bsize=int(s.block_size),
+            frsize=unit,
+            blocks=total,
+            bfree=free,
+            bavail=avail,
+            files=int(s.objects) + avail,
+            ffree=avail,
+            favail=avail,
+            namemax=NAME_MAX,
+        )
+
+    def open_handles(self) -> int:
+        return len(self._handles)
+
+    # ------------------------------------------------------------------ locking the vault
+    def seal(self) -> None:
+        """Refuse every later operation with EIO (the first step of a lock)."""
+        self._lock.seal()
+
+    def commit_sealed(self) -> int:
+        """The lock sequence's final commit, allowed after `seal()`."""
+        with self._lock.held():
+            return self._commit()
+
+    @property
+    def last_activity(self) -> float:
+        """time.monotonic() of the last operation (for --idle-lock)."""
+        return self._lock.last_entered
+
+    def close(self) -> None:
+        """Commit what is pending; the store itself belongs to the caller."""
+        with self._lock:
+            if self._dirty or self._dirty_since is not None or self.store.dirty_bytes() > 0:
+                self._commit()
