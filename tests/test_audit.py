@@ -264,7 +264,9 @@ def test_backoff_persists_across_processes_and_counts_concurrent_failures(tmp_pa
         subprocess.Popen([sys.executable, "-c", FAILER, str(path), "15", str(VAULT)], stdout=subprocess.PIPE)
         for _ in range(4)
     ]
-    assert all(p.wait(120) == 0 for p in procs)
+    for proc in procs:
+        proc.communicate(timeout=120)
+        assert proc.returncode == 0
     backoff = Backoff(path)
     assert backoff.failures(VAULT) == 60  # no lost update among 4 x 15 read-modify-writes
     assert 59 < backoff.delay_for(VAULT) <= 60
@@ -361,3 +363,5 @@ def test_log_follow_prints_new_entries_until_interrupted(state_home: Path) -> No
     finally:
         proc.send_signal(2)
         assert proc.wait(10) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()

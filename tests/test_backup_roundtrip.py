@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
-from cli_helpers import VaultFixture, assert_clean_error, make_vault, run_cli, run_process
+from cli_helpers import VaultFixture, assert_clean_error, make_vault, run_process
 from test_backup_support import OpenVault, file_digest, set_dir
 
 from kryptvault.backup.engine import run_backup

@@ -113,7 +113,8 @@ def test_damage_names_the_container_region() -> None:
     whole = describe_region(0, CHUNK_SIZE, 65536)
     assert whole.startswith("header copy A, header copy B, commit slot 0, commit slot 1, reserved area, ")
     assert whole.endswith("data units 0-239 (group 0, store chunks 0-14, incl. its change table)")
-    assert describe_region(CHUNK_SIZE, CHUNK_SIZE, 65536) == "data units 240-495 (group 0, store chunks 15-30)"
+    second = describe_region(CHUNK_SIZE, CHUNK_SIZE, 65536)
+    assert second == "data units 240-495 (group 0, store chunks 15-30)"
 
 
 def test_cli_verify_reports_damage_on_stdout_and_fails_with_one_line(

@@ -201,7 +201,7 @@ def test_mount_route_sees_an_unmount_without_waiting_for_a_poll(tmpfs_dir: Path)
         umount(tmpfs_dir)
         latency = fired.latency_since(started)
     report("mount route, tmpfs unmount", latency)
-    assert fired.routes == ["mount"] and latency < 0.1
+    assert fired.routes == ["mount"] and latency < 0.25  # includes running umount(8)
 
 
 def test_mount_route_ignores_other_mounts_coming_and_going(tmpfs_dir: Path, tmp_path: Path) -> None:
@@ -244,7 +244,7 @@ def test_uevent_route_fires_on_the_remove_uevent_of_the_token_block_device(
     report(f"uevent route ({kind} token), from LOOP_CTL_REMOVE return (< 0: before it)", after_ioctl)
     assert fired.routes == ["uevent"]
     assert fired.details == [{"route": "uevent", "device": loop_ext4.devpath}]
-    assert latency < 0.5 and after_ioctl < 0.05
+    assert latency < 0.5 and after_ioctl < 0.1
 
 
 def test_change_uevent_of_the_token_device_triggers_a_presence_check(loop_ext4: Loop) -> None:
@@ -257,7 +257,7 @@ def test_change_uevent_of_the_token_device_triggers_a_presence_check(loop_ext4: 
         loop_ext4.detach()  # the kernel sends change@/devices/virtual/block/loopN
         latency = fired.latency_since(started)
     report("uevent route, change of block/loopN + presence check", latency)
-    assert fired.routes == ["uevent"] and latency < 0.2
+    assert fired.routes == ["uevent"] and latency < 0.3  # includes running losetup(8)
 
 
 def test_all_routes_together_fire_once_and_fast_on_unmount_and_device_removal(loop_ext4: Loop) -> None:
@@ -273,4 +273,4 @@ def test_all_routes_together_fire_once_and_fast_on_unmount_and_device_removal(lo
         time.sleep(0.3)  # later routes must not fire again
     report(f"all routes, unmount + detach + remove (won by {fired.routes[0]})", latency)
     assert len(fired.routes) == 1 and len(fired.details) == 1
-    assert latency < 0.1
+    assert latency < 0.25

@@ -184,14 +184,34 @@ class Increment:
 
     def apply(self, fd: int, hook: StepHook) -> None:
         """Turn a file holding `base version` (or any partial patch towards it from `version`)
-        into `version`: write every extent, then truncate. The caller fsyncs."""
+        into `version`: set the size, then write every extent. Equivalent to the documented
+        order (extents never lie past `size`), but frees the grown tail first and writes only
+        pieces that differ, so undoing a backup that ran out of space needs no new space.
+        The caller fsyncs."""
+        os.ftruncate(fd, self.size)
+        hook.tick()
         for off, length, fpos in zip(self.offsets, self.lengths, self.file_offsets, strict=True):
             done = 0
             while done < length:
-                piece = read_exact(self.fd, min(length - done, _BUFFER * 4), fpos + done)
+                piece = read_exact(self.fd, min(length - done, _BUFFER), fpos + done)
                 if not piece:
                     raise IncrementError("increment file is shorter than its extent table says")
-                write_all(fd, piece, off + done, hook)
+                current = read_exact(fd, len(piece), off + done)
+                if current != piece:
+                    _write_differences(fd, piece, current, off + done, hook)
                 done += len(piece)
-        os.ftruncate(fd, self.size)
-        hook.tick()
+
+
+def _write_differences(fd: int, want: bytes, have: bytes, offset: int, hook: StepHook) -> None:
+    """Write the 4 KiB pieces of `want` that differ from `have` (coalesced)."""
+    unit = 4096
+    start = -1
+    for pos in range(0, len(want), unit):
+        same = want[pos : pos + unit] == have[pos : pos + unit]
+        if not same and start < 0:
+            start = pos
+        elif same and start >= 0:
+            write_all(fd, want[start:pos], offset + start, hook)
+            start = -1
+    if start >= 0:
+        write_all(fd, want[start:], offset + start, hook)

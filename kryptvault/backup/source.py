@@ -14,7 +14,6 @@ import base64
 import binascii
 import contextlib
 import fcntl
-import importlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from kryptvault.container.header import Header, decode_header, read_header
 from kryptvault.container.layout import DATA_AREA_OFFSET, HEADER_COPY_SIZE, HEADER_OFFSETS, Layout
 from kryptvault.container.store import ObjectStore
 from kryptvault.errors import FormatError, KryptvaultError, UsageError
+from kryptvault.session.control import ControlClient, socket_path_for
 
 
 @dataclass(frozen=True)
@@ -83,19 +83,11 @@ class ControlHold:
 
     @classmethod
     def for_vault(cls, vault_uuid: uuid.UUID) -> ControlHold | None:
-        """The daemon serving this vault, if kryptvault.session.control exists and its
-        socket is there; else None."""
-        try:
-            control = importlib.import_module("kryptvault.session.control")
-        except ImportError:
-            return None
-        try:
-            path = Path(control.socket_path_for(vault_uuid))
-        except (TypeError, ValueError, OSError):
-            path = Path(control.socket_path_for(str(vault_uuid)))
+        """The mount daemon serving this vault, if its control socket is there; else None."""
+        path = socket_path_for(vault_uuid)
         if not path.exists():
             return None
-        return cls(control.ControlClient(path))
+        return cls(ControlClient(path))
 
     def _request(self, op: str) -> dict[str, Any]:
         try:

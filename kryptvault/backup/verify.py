@@ -36,7 +36,7 @@ from kryptvault.container.layout import (
 )
 from kryptvault.container.store import ObjectStore
 from kryptvault.container.vault import store_keys
-from kryptvault.errors import KryptvaultError
+from kryptvault.errors import FormatError, IntegrityError, KryptvaultError
 from kryptvault.session.unlock import AskSecret, unlock_container
 
 Progress = Callable[[int, int], None]
@@ -342,8 +342,11 @@ def verify_blocks(
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     layout = Layout(block_size=unlocked.header.layout.block_size)
-                    store = ObjectStore.open(fd, layout, unlocked.vault_uuid, keys.data, keys.meta,
-                                             read_only=True)
+                    try:
+                        store = ObjectStore.open(fd, layout, unlocked.vault_uuid, keys.data, keys.meta,
+                                                 read_only=True)
+                    except (IntegrityError, FormatError) as exc:
+                        return wanted, 0, [f"the object store does not open: {exc}"]
                     try:
                         damage = store.verify()
                         generation = store.generation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -25,13 +26,16 @@ from kryptvault.cli.options import (
     token_option,
 )
 from kryptvault.cli.secrets_input import read_secret
+from kryptvault.container.vault import read_container_header
 from kryptvault.crypto.secret import harden_process
 from kryptvault.errors import IntegrityError, UsageError
+from kryptvault.session.audit import AuditLog
 
 dest_argument = click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 backup_argument = click.argument("backup", type=click.Path(file_okay=False, path_type=Path))
-json_option = click.option("--json", "as_json", is_flag=True,
-                           help="Machine-readable output, no progress bar.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output, no progress bar."
+)
 
 
 def human(n: float) -> str:
@@ -66,8 +70,10 @@ class Progress:
             width = 24
             filled = min(width, int(width * done / total)) if total else 0
             eta = (total - done) / rate if rate > 0 else 0.0
-            line = (f"{self.label}: [{'#' * filled}{'.' * (width - filled)}] {human(done)} / {human(total)}"
-                    f"  {human(rate)}/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+            line = (
+                f"{self.label}: [{'#' * filled}{'.' * (width - filled)}] {human(done)} / {human(total)}"
+                f"  {human(rate)}/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+            )
         click.echo("\r" + line.ljust(100)[:100], nl=False, err=True)
         self.shown = True
 
@@ -75,6 +81,18 @@ class Progress:
         if self.shown:
             click.echo("\r" + " " * 100 + "\r", nl=False, err=True)
             self.shown = False
+
+
+def _audit(event: str, vault: str | None, **fields: object) -> None:
+    """Best effort: the audit log never changes a backup's outcome or output."""
+    with contextlib.suppress(Exception), AuditLog() as log:
+        log.append(event, vault=vault, **fields)
+
+
+def _vault_of(container: Path) -> str | None:
+    with contextlib.suppress(Exception):
+        return str(read_container_header(container).header.vault_uuid)
+    return None
 
 
 class BackupGroup(click.Group):
@@ -104,39 +122,121 @@ def backup() -> None:
 @backup.command("run")
 @container_argument
 @dest_argument
-@click.option("--keep", type=click.IntRange(1, 10_000), default=DEFAULT_KEEP, show_default=True,
-              help="Versions to keep (the newest plus N-1 older ones).")
-@click.option("--full", "rescan", is_flag=True,
-              help="Read and compare the whole container instead of trusting its change tables "
-                   "(after restoring the vault from an older copy).")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default="auto", show_default=True,
-              help="How current.kv is updated: clone it (reflink) when DEST can, else patch it in place; "
-                   "'copy' always copies it first.")
+@click.option(
+    "--keep",
+    type=click.IntRange(1, 10_000),
+    default=DEFAULT_KEEP,
+    show_default=True,
+    help="Versions to keep (the newest plus N-1 older ones).",
+)
+@click.option(
+    "--full",
+    "rescan",
+    is_flag=True,
+    help="Read and compare the whole container instead of trusting its change tables "
+    "(after restoring the vault from an older copy).",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(STRATEGIES),
+    default="auto",
+    show_default=True,
+    help="How current.kv is updated: clone it (reflink) when DEST can, else patch it in place; "
+    "'copy' always copies it first.",
+)
 @json_option
 def backup_run(container: Path, dest: Path, keep: int, rescan: bool, strategy: str, as_json: bool) -> None:
     """Back CONTAINER up into DEST (the first time in full, then only what changed).
 
     The container must not be mounted, unless its mount daemon offers a live backup.
     """
+    vault = _vault_of(container)
+    _audit("backup_started", vault, container=container.absolute(), dest=dest.absolute())
     bar = Progress("backup", not as_json)
     try:
         result = run_backup(container, dest, keep=keep, rescan=rescan, strategy=strategy, progress=bar)
+    except BaseException as exc:
+        _audit(
+            "backup_failed",
+            vault,
+            container=container.absolute(),
+            dest=dest.absolute(),
+            error=" ".join(str(exc).split()) or type(exc).__name__,
+        )
+        raise
     finally:
         bar.finish()
+    _audit(
+        "backup_done",
+        vault,
+        container=container.absolute(),
+        backup=result.set_path.absolute(),
+        version=result.version,
+        method=result.method,
+        live=result.live,
+        source_bytes_read=result.source_bytes_read,
+        bytes_written=result.bytes_written,
+        seconds=round(result.seconds, 3),
+    )
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
         return
     how = result.method if result.method == "full" else f"{result.method}, {result.strategy}"
     live = ", live" if result.live else ""
     click.echo(f"backed up vault {result.vault_uuid} as version {result.version} ({how}{live})")
-    click.echo(f"  read {human(result.source_bytes_read)} of the {human(result.container_size)} container, "
-               f"wrote {human(result.bytes_written)} in {result.seconds:.2f} s")
+    click.echo(
+        f"  read {human(result.source_bytes_read)} of the {human(result.container_size)} container, "
+        f"wrote {human(result.bytes_written)} in {result.seconds:.2f} s"
+    )
     for note in result.notes:
         click.echo(f"  note: {note}")
     kept = result.versions
-    click.echo(f"  {result.set_path}: version{'s' if len(kept) > 1 else ''} "
-               f"{kept[0]}..{kept[-1] if len(kept) > 1 else ''}".rstrip(".")
-               + (f" (removed {', '.join(map(str, result.pruned))})" if result.pruned else ""))
+    versions = f"versions {kept[0]}..{kept[-1]}" if len(kept) > 1 else f"version {kept[0]}"
+    removed = f" (removed {', '.join(map(str, result.pruned))})" if result.pruned else ""
+    click.echo(f"  {result.set_path}: {versions}{removed}")
+
+
+@backup.command("auto")
+@container_argument
+@click.option(
+    "--after-lock",
+    is_flag=True,
+    help="Started by the mount daemon after a lock: wait for it "
+    "to let go of the container, and do nothing if after_lock = false.",
+)
+@click.option(
+    "--wait",
+    "wait_seconds",
+    type=click.FloatRange(0, 3600),
+    default=60.0,
+    show_default=True,
+    help="How long to wait for the container to be free.",
+)
+def backup_auto(container: Path, after_lock: bool, wait_seconds: float) -> None:
+    """Back CONTAINER up to every reachable destination of the config file.
+
+    The destinations and retention live in $XDG_CONFIG_HOME/kryptvault/config.toml
+    (see docs/BACKUP.md, "Automatic backups"); scripts/systemd has a timer for this.
+    """
+    from kryptvault.backup.auto import run_auto_backup, wait_until_unmounted
+    from kryptvault.session.config import config_path, load_config
+
+    header = read_container_header(container).header
+    config = load_config(header.vault_uuid)
+    if after_lock and not config.after_lock:
+        return
+    if not config.destinations:
+        raise UsageError(f"no backup destinations are configured in {config_path()}")
+    if after_lock:
+        wait_until_unmounted(container, wait_seconds)
+    with AuditLog() as audit:
+        outcomes = run_auto_backup(container.absolute(), header.vault_uuid, config, audit)
+    for outcome in outcomes:
+        click.echo(
+            f"{outcome.destination}: {outcome.status}" + (f" ({outcome.detail})" if outcome.detail else "")
+        )
+    if any(o.status == "failed" for o in outcomes):
+        sys.exit(1)
 
 
 @backup.command("list")
@@ -153,25 +253,32 @@ def backup_list(dest: Path, as_json: bool) -> None:
             if v != newest:
                 nxt = state.manifests.get(v + 1)
                 stored = nxt.previous.sums.size if nxt and nxt.previous else None
-            rows.append({
-                "version": v,
-                "current": v == newest,
-                "backed_up": m.created_text,
-                "container_size": m.size,
-                "stored_bytes": m.size if v == newest else stored,
-                "generation": m.generation,
-                "header_sequence": m.header_sequence,
-                "method": m.method,
-                "live": m.live,
-            })
+            rows.append(
+                {
+                    "version": v,
+                    "current": v == newest,
+                    "backed_up": m.created_text,
+                    "container_size": m.size,
+                    "stored_bytes": m.size if v == newest else stored,
+                    "generation": m.generation,
+                    "header_sequence": m.header_sequence,
+                    "method": m.method,
+                    "live": m.live,
+                }
+            )
         if as_json:
-            click.echo(json.dumps({
-                "backup": str(state.path),
-                "vault_uuid": str(state.vault_uuid),
-                "interrupted_backup_pending": state.pending is not None,
-                "damaged_manifests": sorted(state.bad_manifests),
-                "versions": rows,
-            }, indent=2))
+            click.echo(
+                json.dumps(
+                    {
+                        "backup": str(state.path),
+                        "vault_uuid": str(state.vault_uuid),
+                        "interrupted_backup_pending": state.pending is not None,
+                        "damaged_manifests": sorted(state.bad_manifests),
+                        "versions": rows,
+                    },
+                    indent=2,
+                )
+            )
             return
         click.echo(f"vault {state.vault_uuid} in {state.path}: {describe_versions(state)}")
         if state.pending is not None:
@@ -179,14 +286,21 @@ def backup_list(dest: Path, as_json: bool) -> None:
         for v in sorted(state.bad_manifests):
             click.echo(f"  version {v}: manifest damaged ({state.bad_manifests[v]})")
         if rows:
-            click.echo(f"  {'version':>8}  {'backed up (UTC)':<20}  {'size':>10}  {'stored':>10}  "
-                       f"{'generation':>10}  method")
+            click.echo(
+                f"  {'version':>8}  {'backed up (UTC)':<20}  {'size':>10}  {'stored':>10}  "
+                f"{'generation':>10}  method"
+            )
         for row in rows:
-            shown = "current" if row["current"] else (
-                human(row["stored_bytes"]) if row["stored_bytes"] is not None else "?")
+            shown = (
+                "current"
+                if row["current"]
+                else (human(row["stored_bytes"]) if row["stored_bytes"] is not None else "?")
+            )
             method = row["method"] + (" (live)" if row["live"] else "")
-            click.echo(f"  {row['version']:>8}  {row['backed_up']:<20}  {human(row['container_size']):>10}  "
-                       f"{shown:>10}  {row['generation']:>10}  {method}")
+            click.echo(
+                f"  {row['version']:>8}  {row['backed_up']:<20}  {human(row['container_size']):>10}  "
+                f"{shown:>10}  {row['generation']:>10}  {method}"
+            )
 
 
 def _parse_version(text: str) -> int | None:
@@ -203,10 +317,18 @@ def _parse_version(text: str) -> int | None:
 
 @cli.command()
 @backup_argument
-@click.option("--version", "version_text", metavar="V", help="Also rebuild version V and check it in full "
-              "(with --full: check version V's blocks; default: the newest).")
-@click.option("--full", is_flag=True, help="Also unlock the version (token + password or recovery key) "
-              "and authenticate every block.")
+@click.option(
+    "--version",
+    "version_text",
+    metavar="V",
+    help="Also rebuild version V and check it in full "
+    "(with --full: check version V's blocks; default: the newest).",
+)
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Also unlock the version (token + password or recovery key) and authenticate every block.",
+)
 @token_option()
 @password_options
 @recovery_options
@@ -235,7 +357,8 @@ def verify(
         harden_process()
         source = password_source(password_fd, password_file)
         block_result = verify_blocks(
-            backup, version,
+            backup,
+            version,
             token_spec=token_spec,
             ask_password=lambda: read_secret(source, "Password: "),
             ask_recovery_key=recovery_asker(recovery, recovery_key_file),
@@ -244,12 +367,17 @@ def verify(
     if as_json:
         out = report.to_json()
         if block_result is not None:
-            out["full"] = {"version": block_result[0], "generation": block_result[1],
-                           "damage": block_result[2]}
+            out["full"] = {
+                "version": block_result[0],
+                "generation": block_result[1],
+                "damage": block_result[2],
+            }
         click.echo(json.dumps(out, indent=2))
     else:
-        click.echo(f"backup of vault {report.vault_uuid} in {report.set_path}: "
-                   f"{len(report.versions)} version(s), checked {human(report.checked_bytes)}")
+        click.echo(
+            f"backup of vault {report.vault_uuid} in {report.set_path}: "
+            f"{len(report.versions)} version(s), checked {human(report.checked_bytes)}"
+        )
         for note in report.notes:
             click.echo(f"  note: {note}")
         for problem in report.problems:
@@ -296,8 +424,12 @@ def restore(backup: Path, rest: tuple[str, ...], force: bool, as_json: bool) -> 
         click.echo(json.dumps(result.to_json(), indent=2))
         return
     which = "the newest version" if result.version == result.newest else "an older version"
-    click.echo(f"restored version {result.version} ({which}, backed up {result.manifest.created_text}) "
-               f"of vault {result.vault_uuid} to {result.target}")
-    click.echo("  This container is older than the vault this machine last mounted: its first mount "
-               "needs --accept-rollback.")
+    click.echo(
+        f"restored version {result.version} ({which}, backed up {result.manifest.created_text}) "
+        f"of vault {result.vault_uuid} to {result.target}"
+    )
+    click.echo(
+        "  Its token has most likely seen a newer state of the vault: the first mount then needs "
+        "'kryptvault mount --accept-rollback'."
+    )
     click.echo(f"  Back it up next with 'kryptvault backup --full {os.fspath(result.target)} DEST'.")

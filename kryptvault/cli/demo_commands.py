@@ -133,7 +133,9 @@ def demo(keep: bool) -> None:
             token = str(token_dir)
         try:
             _say("Creating a vault (password generated for the demo; real use asks you twice)")
-            created = _run("init", str(container), "--token", token, "--kdf-time-ms", "200", password=password)
+            created = _run(
+                "init", str(container), "--token", token, "--kdf-time-ms", "200", password=password
+            )
             vault_uuid = created.stdout.split()[2]
             _say("Mounting it on a normal folder")
             _run("mount", str(container), str(folder), "--token", token, password=password)

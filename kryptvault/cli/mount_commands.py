@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -26,7 +27,7 @@ from kryptvault.container.vault import read_container_header, store_keys
 from kryptvault.crypto.secret import harden_process
 from kryptvault.errors import AuthenticationError, KryptvaultError, TokenError, UsageError
 from kryptvault.session import fusectl
-from kryptvault.session.audit import AuditLog, Backoff
+from kryptvault.session.audit import AuditLog, Backoff, read_entries
 from kryptvault.session.control import ControlClient, list_sockets
 from kryptvault.session.handoff import SessionSettings
 from kryptvault.session.launcher import start_daemon
@@ -264,9 +265,12 @@ def umount(mountpoint: Path) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(as_json: bool) -> None:
-    """List mounted vaults: token, uptime, last commit, unsaved bytes."""
+    """List mounted vaults (token, uptime, last commit, unsaved bytes) and the last backups."""
     statuses = [s for _, s in _statuses()]
+    backups = _last_backups()
     if as_json:
+        for entry in statuses:
+            entry["last_backups"] = [b for b in backups if b.get("vault") == entry.get("vault")]
         click.echo(json.dumps(statuses, indent=2))
         return
     if not statuses:
@@ -277,3 +281,20 @@ def status(as_json: bool) -> None:
             f"  token: {s['token']}; generation {s['generation']}; unsaved {s['dirty_bytes']} bytes; "
             f"last commit {s['last_commit_age_seconds']} s ago"
         )
+    for entry in backups:
+        where = entry.get("dest") or entry.get("backup") or ""
+        detail = entry.get("error") or (f"version {entry['version']}" if "version" in entry else "")
+        click.echo(
+            f"last backup of {entry['vault']} to {where}: {entry['event'].removeprefix('backup_')} "
+            f"at {entry['ts']} {detail}".rstrip()
+        )
+
+
+def _last_backups() -> list[dict[str, Any]]:
+    """The newest backup outcome per vault and destination, from the audit log."""
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    for entry in read_entries(AuditLog().path):
+        if entry.get("event") in ("backup_done", "backup_failed", "backup_skipped"):
+            key = (str(entry.get("vault")), str(entry.get("dest") or entry.get("backup")))
+            newest[key] = entry
+    return list(newest.values())

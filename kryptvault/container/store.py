@@ -1051,6 +1051,13 @@ class ObjectStore:
             self._units.hold()
             return self.generation
 
+    def hold_reuse_with_head(self) -> tuple[int, bytes]:
+        """`hold_reuse()` plus the bytes [0, data_offset) read under the same lock, so a
+        live backup copies exactly the held commit (its commit slots cannot move on)."""
+        with self._lock:
+            generation = self.hold_reuse()
+            return generation, os.pread(self._fd, self.layout.data_offset, 0)
+
     def release_reuse(self) -> None:
         with self._lock:
             self._units.release()

@@ -7,11 +7,14 @@ through the lock sequence (kryptvault/session/lock.py), whatever the trigger.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -27,6 +30,7 @@ from kryptvault.fuseadapter.mount import serve
 from kryptvault.fuseadapter.operations import KryptvaultOperations
 from kryptvault.session import fusectl
 from kryptvault.session.audit import AuditLog
+from kryptvault.session.config import load_config
 from kryptvault.session.control import ControlServer, PeerCred, socket_path_for
 from kryptvault.session.handoff import SessionSettings
 from kryptvault.session.lock import COMMIT_HARD_LIMIT, LockOutcome, LockSequence, LockSteps
@@ -62,7 +66,8 @@ class MountSession:
         self.watcher: TokenWatcher | None = None
         self.control: ControlServer | None = None
         self.operations: KryptvaultOperations | None = None
-        self.backup_holds = 0
+        self._holds: list[int] = []  # pids of the backups holding reuse
+        self._holds_lock = threading.Lock()
         self.lock = LockSequence(
             LockSteps(
                 refuse=self._refuse,
@@ -76,6 +81,7 @@ class MountSession:
             commit_deadline=settings.lock_deadline_ms / 1000,
         )
         self._idle_deadline: float | None = None
+        self.backup_after_lock = False
 
     # ------------------------------------------------------------------ start-up
     def open(self) -> None:
@@ -101,6 +107,11 @@ class MountSession:
             meta_key.wipe()
         self._check_rollback()
         self.fs = Filesystem(self.store)
+        try:
+            backup = load_config(self.vault_uuid)
+            self.backup_after_lock = backup.after_lock and bool(backup.destinations)
+        except KryptvaultError as exc:
+            log.warning("automatic backups are off: %s", exc)
 
     def _check_rollback(self) -> None:
         assert self.store is not None
@@ -139,6 +150,7 @@ class MountSession:
         signal.pthread_sigmask(signal.SIG_BLOCK, LOCK_SIGNALS)
         threading.Thread(target=self._wait_for_signals, name="kryptvault-signals", daemon=True).start()
         self._start_control()
+        threading.Thread(target=self._reap_holds, name="kryptvault-holds", daemon=True).start()
         if self.token is not None:
             self.watcher = TokenWatcher(
                 self.token, lambda route: self.trigger_lock("unplug", route), on_event=self._token_event
@@ -243,17 +255,37 @@ class MountSession:
     def _op_backup_hold(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
         assert self.fs is not None and self.store is not None
         self.fs.commit()
-        generation = self.store.hold_reuse()
-        self.backup_holds += 1
-        return {"generation": generation}
+        generation, head = self.store.hold_reuse_with_head()
+        with self._holds_lock:
+            self._holds.append(peer.pid)
+        return {"generation": generation, "header_area": base64.b64encode(head).decode()}
 
     def _op_backup_release(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
         assert self.store is not None
-        if self.backup_holds <= 0:
-            raise KryptvaultError("no backup hold to release")
-        self.backup_holds -= 1
+        with self._holds_lock:
+            if peer.pid not in self._holds:
+                raise KryptvaultError("this process holds no backup hold")
+            self._holds.remove(peer.pid)
         self.store.release_reuse()
         return {"released": True}
+
+    def _reap_holds(self) -> None:
+        """A backup killed mid-way never releases its hold: release holds of dead processes,
+        so freed space does not stay blocked until the next lock."""
+        while not self.lock.locked:
+            time.sleep(1.0)
+            with self._holds_lock:
+                dead = [pid for pid in self._holds if not Path(f"/proc/{pid}").exists()]
+                for pid in dead:
+                    self._holds.remove(pid)
+            for pid in dead:
+                if self.store is not None:
+                    self.store.release_reuse()
+                self.audit.append("backup_hold_expired", vault=str(self.vault_uuid), pid=pid)
+
+    @property
+    def backup_holds(self) -> int:
+        return len(self._holds)
 
     # ------------------------------------------------------------------ locking
     def trigger_lock(self, reason: str, route: str) -> bool:
@@ -290,6 +322,30 @@ class MountSession:
                 os.close(self.fd)
             self.fd = -1
 
+    def _start_backup_after_lock(self) -> None:
+        """Every lock is a backup: a detached process waits for this one to exit (and let
+        go of the container), then backs up to each reachable destination. Starting it
+        costs the lock a fork, not the backup."""
+        try:
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "kryptvault.cli.main",
+                    "backup",
+                    "auto",
+                    self.settings.container,
+                    "--after-lock",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError:
+            log.exception("could not start the backup after the lock")
+
     def _audit_lock(self, outcome: LockOutcome) -> None:
         self.audit.append(
             "lock",
@@ -305,6 +361,8 @@ class MountSession:
 
     def _finish(self, outcome: LockOutcome) -> None:
         log.info("locked (%s via %s) in %.0f ms", outcome.reason, outcome.route, outcome.seconds * 1000)
+        if self.backup_after_lock:
+            self._start_backup_after_lock()
         logging.shutdown()
         # Ending the key-holding process is the only certain wipe (AESGCM keeps key copies).
         os._exit(1 if outcome.commit_error else 0)

@@ -43,8 +43,8 @@ MAX_POLL_INTERVAL = 0.5
 STOP_TIMEOUT = 0.3
 MOUNTINFO = "/proc/self/mountinfo"
 
-OnRemoved = Callable[[str], None]
-OnEvent = Callable[[str, dict[str, object]], None]
+OnRemoved = Callable[[str], object]  # the return value is ignored
+OnEvent = Callable[[str, dict[str, object]], object]
 
 
 class TokenWatcher:
