@@ -19,13 +19,12 @@ from kryptvault.backup.verify import verify_blocks, verify_set
 from kryptvault.cli.app import cli
 from kryptvault.cli.options import (
     container_argument,
-    password_options,
     password_source,
     recovery_asker,
-    recovery_options,
-    token_option,
+    unlock_options,
 )
 from kryptvault.cli.secrets_input import read_secret
+from kryptvault.cli.units import human_size
 from kryptvault.container.vault import read_container_header
 from kryptvault.crypto.secret import harden_process
 from kryptvault.errors import IntegrityError, UsageError
@@ -38,12 +37,7 @@ json_option = click.option(
 )
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+human = human_size
 
 
 class Progress:
@@ -329,9 +323,7 @@ def _parse_version(text: str) -> int | None:
     is_flag=True,
     help="Also unlock the version (token + password or recovery key) and authenticate every block.",
 )
-@token_option()
-@password_options
-@recovery_options
+@unlock_options
 @json_option
 def verify(
     backup: Path,

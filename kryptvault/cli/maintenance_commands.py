@@ -25,7 +25,8 @@ from typing import Any
 import click
 
 from kryptvault.cli.app import cli
-from kryptvault.cli.options import container_argument, password_options, recovery_options, token_option
+from kryptvault.cli.options import container_argument, unlock_options
+from kryptvault.cli.units import human_size
 from kryptvault.cli.vault_commands import unlock_for_change
 from kryptvault.container.header import read_header
 from kryptvault.container.layout import Layout
@@ -70,15 +71,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _human(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 @contextlib.contextmanager
@@ -167,10 +159,10 @@ def _print_summary(report: FsckReport) -> None:
     s = report.summary
     click.echo(
         f"  {s.objects} objects: {s.directories} directories, {s.files} files "
-        f"({_human(s.file_bytes)}), {s.symlinks} symlinks, {s.special} other"
+        f"({human_size(s.file_bytes)}), {s.symlinks} symlinks, {s.special} other"
     )
     click.echo(
-        f"  {s.units_verified} allocation units ({_human(s.stored_bytes)}) of blocks authenticated, "
+        f"  {s.units_verified} allocation units ({human_size(s.stored_bytes)}) of blocks authenticated, "
         f"{s.damaged_blocks} damaged; commit generation {s.generation}"
     )
 
@@ -252,9 +244,7 @@ def _run_fsck(
 
 @cli.command()
 @container_argument
-@token_option()
-@password_options
-@recovery_options
+@unlock_options
 @click.option("--repair", "do_repair", is_flag=True, help="Repair what is found (see docs/FSCK.md).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def fsck(
@@ -318,9 +308,7 @@ def fsck(
 # ---------------------------------------------------------------------- compact
 @cli.command()
 @container_argument
-@token_option()
-@password_options
-@recovery_options
+@unlock_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def compact(
     container: Path,
@@ -355,7 +343,7 @@ def compact(
         click.echo(json.dumps({"container": str(container), **stats.to_dict()}, indent=2))
     else:
         click.echo(
-            f"compacted {container}: {_human(stats.bytes_before)} -> {_human(stats.bytes_after)} "
-            f"({_human(max(0, stats.saved))} freed); {stats.objects} objects, "
-            f"{_human(stats.data_bytes)} of data"
+            f"compacted {container}: {human_size(stats.bytes_before)} -> {human_size(stats.bytes_after)} "
+            f"({human_size(max(0, stats.saved))} freed); {stats.objects} objects, "
+            f"{human_size(stats.data_bytes)} of data"
         )

@@ -16,11 +16,9 @@ import click
 from kryptvault.cli.app import cli
 from kryptvault.cli.options import (
     container_argument,
-    password_options,
     password_source,
     recovery_asker,
-    recovery_options,
-    token_option,
+    unlock_options,
 )
 from kryptvault.cli.secrets_input import read_secret
 from kryptvault.container.vault import read_container_header, store_keys
@@ -64,9 +62,7 @@ def _wait_for_token(container: Path, token_spec: str | None) -> None:
 @cli.command()
 @container_argument
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
-@token_option()
-@password_options
-@recovery_options
+@unlock_options
 @click.option("--foreground", is_flag=True, help="Stay attached (for debugging); Ctrl-C locks.")
 @click.option("--allow-other", is_flag=True, help="Let other users see the files (needs user_allow_other).")
 @click.option(
@@ -269,8 +265,8 @@ def status(as_json: bool) -> None:
     statuses = [s for _, s in _statuses()]
     backups = _last_backups()
     if as_json:
-        for entry in statuses:
-            entry["last_backups"] = [b for b in backups if b.get("vault") == entry.get("vault")]
+        for mounted in statuses:
+            mounted["last_backups"] = [b for b in backups if b.get("vault") == mounted.get("vault")]
         click.echo(json.dumps(statuses, indent=2))
         return
     if not statuses:

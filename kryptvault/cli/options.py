@@ -69,3 +69,8 @@ def recovery_asker(recovery: bool, recovery_key_file: Path | None) -> Callable[[
         return None
     source = SecretSource(file=recovery_key_file)
     return lambda: read_secret(source, "Recovery key: ", what="recovery key")
+
+
+def unlock_options(f: F) -> F:
+    """Token + password, or the recovery key: how every command that opens a vault asks."""
+    return token_option()(password_options(recovery_options(f)))

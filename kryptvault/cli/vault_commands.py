@@ -18,8 +18,8 @@ from kryptvault.cli.options import (
     password_options,
     password_source,
     recovery_asker,
-    recovery_options,
     token_option,
+    unlock_options,
 )
 from kryptvault.cli.secrets_input import read_new_password, read_secret
 from kryptvault.container.header import KIND_TOKEN_PASSWORD, Header, Keyslot
@@ -293,9 +293,7 @@ def recovery_key() -> None:
 
 @recovery_key.command("add")
 @container_argument
-@token_option()
-@password_options
-@recovery_options
+@unlock_options
 @click.option("--label", default="recovery", show_default=True)
 def recovery_key_add(
     container: Path,
@@ -346,9 +344,7 @@ def slot_list(container: Path, as_json: bool) -> None:
 @slot.command("remove")
 @container_argument
 @click.argument("slot_index", metavar="SLOT", type=int)
-@token_option()
-@password_options
-@recovery_options
+@unlock_options
 @click.option(
     "--force", is_flag=True, help="Allow removing the last keyslot (the vault can then never be opened)."
 )
