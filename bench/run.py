@@ -219,7 +219,7 @@ def run_plain(work: Path, bench: Bench) -> dict[str, float]:
 def run_gocryptfs(work: Path, bench: Bench) -> dict[str, float]:
     cipher, mnt = work / "gc.cipher", work / "gc.mnt"
     cipher.mkdir()
-    mnt.mkdir()
+    mnt.mkdir(exist_ok=True)
     subprocess.run(
         ["gocryptfs", "-init", "-extpass", "echo pw", "-scryptn", "10", "-q", str(cipher)],
         check=True,
@@ -240,6 +240,9 @@ def main() -> int:
     ap.add_argument("--writeback", action="store_true", help="mount the vault with writeback cache")
     ap.add_argument("--no-keep-cache", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    ap.add_argument("--threads", action="store_true", help="libfuse worker threads")
+    ap.add_argument("--dirty-limit", type=int, default=0, help="store dirty limit, MiB")
+    ap.add_argument("--cache-limit", type=int, default=0, help="store block cache, MiB")
     ap.add_argument("--dir", default=os.environ.get("KV_BENCH_DIR", "/var/tmp"))
     args = ap.parse_args()
     targets = args.targets.split(",")
@@ -258,6 +261,15 @@ def main() -> int:
             tar_entries=entries,
         )
         opts: dict[str, object] = {"writeback": args.writeback, "keep_cache": not args.no_keep_cache}
+        if args.threads:
+            opts["threads"] = True
+        store_options = {}
+        if args.dirty_limit:
+            store_options["dirty_limit"] = args.dirty_limit * MiB
+        if args.cache_limit:
+            store_options["cache_limit"] = args.cache_limit * MiB
+        if store_options:
+            opts["store_options"] = store_options
         results: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
         rss: list[int] = []
         for _ in range(args.repeat):

@@ -136,13 +136,19 @@ def _keys() -> tuple[Any, Any]:
     return Secret.from_bytes(TEST_DATA_KEY), Secret.from_bytes(TEST_META_KEY)
 
 
+_STORE_FDS: dict[int, int] = {}
+
+
 def new_store(path: str | os.PathLike[str]) -> Any:
+    """A new ObjectStore in `path` with the test keys; release it with close_store()."""
     from kryptvault.container.layout import Layout
     from kryptvault.container.store import ObjectStore
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     data_key, meta_key = _keys()
-    return ObjectStore.create(fd, Layout(), TEST_UUID, data_key, meta_key)
+    store = ObjectStore.create(fd, Layout(), TEST_UUID, data_key, meta_key)
+    _STORE_FDS[id(store)] = fd
+    return store
 
 
 def open_store(path: str | os.PathLike[str]) -> Any:
@@ -151,7 +157,17 @@ def open_store(path: str | os.PathLike[str]) -> Any:
 
     fd = os.open(path, os.O_RDWR)
     data_key, meta_key = _keys()
-    return ObjectStore.open(fd, Layout(), TEST_UUID, data_key, meta_key)
+    store = ObjectStore.open(fd, Layout(), TEST_UUID, data_key, meta_key)
+    _STORE_FDS[id(store)] = fd
+    return store
+
+
+def close_store(store: Any) -> None:
+    """store.close() and close the container fd the store was opened on."""
+    store.close()
+    fd = _STORE_FDS.pop(id(store), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def mkfs_container(path: str | os.PathLike[str]) -> None:
@@ -159,7 +175,7 @@ def mkfs_container(path: str | os.PathLike[str]) -> None:
 
     store = new_store(path)
     Filesystem.mkfs(store, os.getuid(), os.getgid())
-    store.close()
+    close_store(store)
 
 
 # ---------------------------------------------------------------------- the mount daemon
@@ -188,11 +204,12 @@ def child_main() -> None:
     )
     container, mountpoint, opts_json = sys.argv[1], sys.argv[2], sys.argv[3]
     opts = json.loads(opts_json)
+    store_options = opts.pop("store_options", {})
     secret = sys.stdin.buffer.read(64)
     data_key = Secret.from_bytes(secret[:32])
     meta_key = Secret.from_bytes(secret[32:64])
     fd = os.open(container, os.O_RDWR)
-    store = ObjectStore.open(fd, Layout(), TEST_UUID, data_key, meta_key)
+    store = ObjectStore.open(fd, Layout(), TEST_UUID, data_key, meta_key, **store_options)
     fs = Filesystem(store, host_dir=os.path.dirname(os.path.abspath(container)))
     ready = os.fdopen(os.dup(1), "w")
 
@@ -200,7 +217,17 @@ def child_main() -> None:
         ready.write("ready\n")
         ready.flush()
 
+    profile = os.environ.get("KV_PROFILE")  # a path: cProfile the (single-threaded) daemon
+    if profile:
+        import cProfile
+
+        opts.setdefault("extra_options", {})["nothreads"] = True
+        prof = cProfile.Profile()
+        prof.enable()
     serve(fs, mountpoint, fsname=os.path.basename(container), on_ready=on_ready, **opts)
+    if profile:
+        prof.disable()
+        prof.dump_stats(profile)
     store.close()
     ready.write("exited\n")
     ready.flush()
@@ -229,11 +256,15 @@ class Mount:
 
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         code = _CHILD.format(tests=str(TESTS_DIR), root=str(ROOT_DIR))
+        if os.environ.get("KV_TEST_WRITEBACK") is not None:  # run the suite either way
+            self.opts.setdefault("writeback", os.environ["KV_TEST_WRITEBACK"] == "1")
+        if os.environ.get("KV_TEST_THREADS") is not None:
+            self.opts.setdefault("threads", os.environ["KV_TEST_THREADS"] == "1")
         env = dict(os.environ)
         env.pop("FUSE_LIBRARY_NAME", None)
         if self.env:
             env.update(self.env)
-        logf = open(self.log_path, "ab")  # noqa: SIM115
+        logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [PYTHON, "-c", code, str(self.container), str(self.mountpoint), json.dumps(self.opts)],
             stdin=subprocess.PIPE,
@@ -332,8 +363,8 @@ def mounted(tmp: Path, name: str = "vault", fresh: bool = True, **opts: Any) -> 
                 force_unmount(m.mountpoint)
 
 
-@pytest.fixture
-def vault_mount(tmp_path: Path) -> Iterator[Path]:
+@pytest.fixture(name="vault_mount")
+def vault_mount_fixture(tmp_path: Path) -> Iterator[Path]:
     """A freshly made vault mounted at a directory; yields the mountpoint."""
     if not have_fuse():
         pytest.skip("needs /dev/fuse")
@@ -343,8 +374,8 @@ def vault_mount(tmp_path: Path) -> Iterator[Path]:
         yield m.mountpoint
 
 
-@pytest.fixture(scope="module")
-def shared_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+@pytest.fixture(scope="module", name="shared_mount")
+def shared_mount_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     """One mounted vault for a whole test module (tests use their own subdirectories)."""
     if not have_fuse():
         pytest.skip("needs /dev/fuse")
@@ -354,8 +385,8 @@ def shared_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
         yield m
 
 
-@pytest.fixture
-def mdir(shared_mount: Mount, request: pytest.FixtureRequest) -> Path:
+@pytest.fixture(name="mdir")
+def mdir_fixture(shared_mount: Mount, request: pytest.FixtureRequest) -> Path:
     """A fresh directory inside the shared mount, named after the test."""
     d = shared_mount.mountpoint / request.node.name.replace("[", "_").replace("]", "_")
     d.mkdir()

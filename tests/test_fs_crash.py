@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 import pytest
-from fs_fixtures import Mount, have_fuse, mkfs_container, open_store, real_store_available
+from fs_fixtures import Mount, close_store, have_fuse, mkfs_container, open_store, real_store_available
 
 from kryptvault.fs import Filesystem, FsError
 
@@ -116,7 +116,7 @@ def check(container: Path, journal: Path) -> int:
         if path in durable:
             assert data == content(path, durable[path]), f"{path}: not the fsync-ed version"
             checked += 1
-    store.close()
+    close_store(store)
     return checked
 
 

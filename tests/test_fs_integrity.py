@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fs_fixtures import (
     Mount,
+    close_store,
     have_fuse,
     mkfs_container,
     mounted,
@@ -98,7 +99,7 @@ def test_corrupt_block_gives_eio_for_that_file_only(tmp_path: Path) -> None:
     fs.write(fh, 0, victim)
     fs.release(fh)
     fs.commit()
-    store.close()
+    close_store(store)
     after = container.read_bytes()
     lo, hi = _find_new_run(before, after)
     assert hi - lo >= 1 << 20, (lo, hi)
@@ -129,7 +130,7 @@ def test_corrupt_block_gives_eio_for_that_file_only(tmp_path: Path) -> None:
     store = open_store(container)
     damage = store.verify()
     assert damage and all(d.oid == st.ino for d in damage)
-    store.close()
+    close_store(store)
 
 
 def test_mkfs_twice_refused(tmp_path: Path) -> None:
@@ -138,4 +139,4 @@ def test_mkfs_twice_refused(tmp_path: Path) -> None:
     store = open_store(container)
     with pytest.raises(OSError):
         Filesystem.mkfs(store, 0, 0)
-    store.close()
+    close_store(store)

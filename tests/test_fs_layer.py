@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fs_fixtures import MemoryStore, new_store, open_store, real_store_available
+from fs_fixtures import MemoryStore, close_store, new_store, open_store, real_store_available
 
 from kryptvault.fs import (
     RENAME_EXCHANGE,
@@ -129,7 +129,7 @@ def test_sgid_dir_inherits_group(fs: Filesystem) -> None:
     d = fs.mkdir(R, b"g", 0o2775, 0, 50).ino
     sub = fs.mkdir(d, b"s", 0o755, 7, 7)
     assert sub.gid == 50 and sub.mode & stat.S_ISGID
-    st, fh = fs.create(d, b"f", 0o644, 0, 7, 7)
+    st, _fh = fs.create(d, b"f", 0o644, 0, 7, 7)
     assert st.gid == 50 and not st.mode & stat.S_ISGID
 
 
@@ -177,7 +177,7 @@ def test_orphans_freed_on_open() -> None:
     store = MemoryStore()
     fs = Filesystem.mkfs(store, 0, 0)
     ino = mkfile(fs, R, b"f", b"data")
-    fh = fs.open(ino, 0)
+    fs.open(ino, 0)
     fs.unlink(R, b"f")
     fs.commit()  # "crash" with the file still open
     assert store.oid_in_use(ino)
@@ -348,7 +348,7 @@ def test_real_store_persistence(tmp_path: Path) -> None:
     fs.setxattr(ino, b"user.k", b"v")
     fs.symlink(d, b"ln", b"file", 0, 0)
     fs.commit()
-    store.close()
+    close_store(store)
     store = open_store(path)
     fs = Filesystem(store)
     ino2 = fs.resolve(b"/dir/file")
@@ -358,4 +358,35 @@ def test_real_store_persistence(tmp_path: Path) -> None:
     assert fs.getxattr(ino2, b"user.k") == b"v"
     assert fs.readlink(fs.resolve(b"/dir/ln")) == b"file"
     assert stat.S_IMODE(fs.getattr(d).mode) == 0o700
-    store.close()
+    close_store(store)
+
+
+def test_removed_open_directory_keeps_its_number(fs: Filesystem) -> None:
+    d = fs.mkdir(R, b"d", 0o755, 0, 0).ino
+    fs.opendir(d)
+    fs.rmdir(R, b"d")
+    assert fs.readdir_from(d, 0, False) == []
+    assert fs.mkdir(R, b"e", 0o755, 0, 0).ino != d  # not reused while open
+    fs.releasedir(d)
+    assert not fs.store.oid_in_use(d)
+
+
+def test_readdir_cookies_survive_removal(fs: Filesystem) -> None:
+    d = fs.mkdir(R, b"d", 0o755, 0, 0).ino
+    for i in range(600):
+        mkfile(fs, d, b"file-%03d" % i)
+    fs.opendir(d)
+    seen: list[bytes] = []
+    cookie = 0
+    while True:
+        batch = fs.readdir_from(d, cookie, True)[:25]
+        if not batch:
+            break
+        for name, c, _st in batch:
+            if name not in (b".", b".."):
+                seen.append(name)
+                fs.unlink(d, name)  # rm -rf style: delete while reading
+            cookie = c
+    fs.releasedir(d)
+    assert len(seen) == 600 and len(set(seen)) == 600
+    assert fs.readdir(d)[2:] == []

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fs_fixtures import Mount, shared_mount  # noqa: F401  (fixture)
+from fs_fixtures import Mount, shared_mount_fixture  # noqa: F401  (fixture)
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test

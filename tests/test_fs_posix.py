@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from fs_fixtures import (  # noqa: F401  (fixtures)
     Mount,
-    mdir,
+    mdir_fixture,
     renameat2,
-    shared_mount,
+    shared_mount_fixture,
     utimensat,
 )
 

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fs_fixtures import Mount, mdir, shared_mount  # noqa: F401  (fixtures)
+from fs_fixtures import mdir_fixture, shared_mount_fixture  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.fuse
 
@@ -36,7 +36,7 @@ def make_tree(root: Path, files: int = 2500) -> None:
     for i in range(files):
         d = root / f"pkg{i % 17}" / f"sub{i % 5}"
         d.mkdir(parents=True, exist_ok=True)
-        (d / f"mod{i}.py").write_text(f"# module {i}\n" + "x = %d\n" % i * (i % 40))
+        (d / f"mod{i}.py").write_text(f"# module {i}\n" + f"x = {i}\n" * (i % 40))
     (root / "bin").mkdir()
     (root / "bin" / "tool").write_text("#!/bin/sh\necho hi\n")
     os.chmod(root / "bin" / "tool", 0o755)

@@ -90,7 +90,7 @@ class Directory:
         return pos, record
 
     def remove(self, name: bytes) -> Write:
-        oid, typ, pos = self.entries.pop(name)
+        pos = self.entries.pop(name)[2]
         self.dead += REC_HEADER + len(name)
         return pos + _TYPE_OFFSET, b"\0"
 

@@ -70,7 +70,9 @@ class StoreLike(Protocol):
     def get_attrs(self, oid: int) -> bytes: ...
     def set_attrs(self, oid: int, attrs: bytes) -> None: ...
     def read(self, oid: int, stream: int, offset: int, size: int) -> bytes: ...
-    def write(self, oid: int, stream: int, offset: int, data: bytes) -> None: ...
+    def write(
+        self, oid: int, stream: int, offset: int, data: bytes | bytearray | memoryview
+    ) -> None: ...
     def truncate(self, oid: int, stream: int, size: int) -> None: ...
     def stream_size(self, oid: int, stream: int) -> int: ...
     def commit(self) -> int: ...
@@ -145,6 +147,7 @@ class Filesystem:
         # Names of unlinked-but-open files that libfuse still uses ("hidden" files, see
         # hide()): parent ino -> {name: ino}. In memory only; never listed by readdir.
         self._hidden: dict[int, dict[bytes, int]] = {}
+        self._open_dirs: dict[int, int] = {}  # directory ino -> open readdir streams
         self._next_fh = 1
         self._dirty_since: float | None = None
         self.commits = 0
@@ -162,6 +165,7 @@ class Filesystem:
         if oid != ROOT_INO:
             raise FsError(errno.EEXIST, f"store is not empty (first free object is {oid})")
         root = Inode(oid, stat.S_IFDIR | (mode & _PERM), uid, gid, 2, time.time_ns(), parent=oid)
+        root.flags = xattrs.NS_TRACKED
         store.write(oid, DATA, 0, DIR_MAGIC)
         store.set_attrs(oid, root.pack())
         store.commit()
@@ -200,9 +204,9 @@ class Filesystem:
 
     def _shrink(self) -> None:
         """Drop clean, unused inodes and directories from the caches."""
-        for oid in [o for o, n in self._inodes.items() if o not in self._dirty and n.opens == 0]:
-            if oid != ROOT_INO:
-                del self._inodes[oid]
+        keep = self._dirty.union(self._open_dirs, (ROOT_INO,))
+        for oid in [o for o, n in self._inodes.items() if n.opens == 0 and o not in keep]:
+            del self._inodes[oid]
         if len(self._dirs) >= CACHE_LIMIT // 4:
             root = self._dirs.get(ROOT_INO)
             self._dirs.clear()
@@ -240,7 +244,7 @@ class Filesystem:
 
     def _dir_apply(self, node: Inode, d: Directory, write: tuple[int, bytes]) -> None:
         self.store.write(node.oid, DATA, write[0], write[1])
-        if d.needs_compaction():
+        if d.needs_compaction() and node.oid not in self._open_dirs:
             data = d.compact()
             self.store.write(node.oid, DATA, 0, data)
             self.store.truncate(node.oid, DATA, len(data))
@@ -291,8 +295,8 @@ class Filesystem:
             node.nlink = max(0, node.nlink - 1)
         node.ctime_ns = self._now()
         self._touch(node)
-        if node.nlink == 0 and node.opens == 0:
-            self._free(node)
+        if node.nlink == 0 and node.opens == 0 and node.oid not in self._open_dirs:
+            self._free(node)  # (a removed directory still open is freed by releasedir)
 
     def _free(self, node: Inode) -> None:
         oid = node.oid
@@ -304,6 +308,8 @@ class Filesystem:
 
     def _free_orphans(self) -> None:
         """Free objects a crash left without a name (nlink 0) or half-created."""
+        if getattr(self.store, "read_only", False):
+            return  # a damaged (read-only) store: fsck's business
         freed = 0
         for oid in list(self.store.iter_oids()):
             if oid == ROOT_INO:
@@ -445,6 +451,86 @@ class Filesystem:
             out = [(b".", ino, stat.S_IFDIR), (b"..", node.parent or ROOT_INO, stat.S_IFDIR)]
             out.extend((name, oid, typ << 12) for name, oid, typ in d.items())
             return out
+
+    def opendir(self, ino: int) -> None:
+        """Note an open directory stream: no compaction (which renumbers the readdir
+        cookies) while one is open. Pair with releasedir()."""
+        with self._lock:
+            node = self._get(ino)
+            if not node.is_dir:
+                raise FsError(errno.ENOTDIR)
+            self._open_dirs[ino] = self._open_dirs.get(ino, 0) + 1
+
+    def releasedir(self, ino: int) -> None:
+        with self._lock:
+            n = self._open_dirs.get(ino, 0) - 1
+            if n > 0:
+                self._open_dirs[ino] = n
+                return
+            self._open_dirs.pop(ino, None)
+            node = self._inodes.get(ino)
+            if node is not None and node.nlink == 0:
+                self._free(node)  # removed while open: keep its number until now
+                return
+            d = self._dirs.get(ino)
+            if node is not None and d is not None and node.nlink and d.needs_compaction():
+                data = d.compact()
+                self.store.write(ino, DATA, 0, data)
+                self.store.truncate(ino, DATA, len(data))
+                self._mark()
+
+    def readdir_from(
+        self, ino: int, cookie: int, plus: bool
+    ) -> list[tuple[bytes, int, Stat | tuple[int, int]]]:
+        """Entries after readdir cookie `cookie` (0 = from the start) as
+        (name, cookie, Stat if `plus` else (ino, S_IFMT bits)); "." and ".." have
+        cookies 1 and 2, other entries their record offset (stable while the directory
+        is open, see opendir()). Entries whose inode cannot be read are skipped with
+        `plus`. Removed directories list nothing."""
+        with self._lock:
+            node = self._get(ino)
+            if not node.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if node.nlink == 0:
+                return []
+            d = self._dir(node)
+            out: list[tuple[bytes, int, Stat | tuple[int, int]]] = []
+            if cookie < 1:
+                out.append((b".", 1, self._stat(node) if plus else (ino, stat.S_IFDIR)))
+            if cookie < 2:
+                parent = node.parent or ROOT_INO
+                pst: Stat | tuple[int, int] = (parent, stat.S_IFDIR)
+                out.append((b"..", 2, pst))
+            entries = d.entries.items()
+            if cookie > 2:
+                it = iter(entries)
+                for name, (oid, typ, off) in it:
+                    if off > cookie:
+                        self._readdir_add(out, name, oid, typ, off, plus)
+                        break
+                for name, (oid, typ, off) in it:
+                    self._readdir_add(out, name, oid, typ, off, plus)
+            else:
+                for name, (oid, typ, off) in entries:
+                    self._readdir_add(out, name, oid, typ, off, plus)
+            return out
+
+    def _readdir_add(
+        self,
+        out: list[tuple[bytes, int, Stat | tuple[int, int]]],
+        name: bytes,
+        oid: int,
+        typ: int,
+        off: int,
+        plus: bool,
+    ) -> None:
+        if not plus:
+            out.append((name, off, (oid, typ << 12)))
+            return
+        try:
+            out.append((name, off, self._stat(self._get(oid))))
+        except FsError:
+            log.error("directory entry %r names unreadable object %d", name, oid)
 
     def readdir_plus(self, ino: int) -> list[tuple[bytes, Stat | None]]:
         """[(name, Stat)] of every entry except "." and ".."; Stat is None if unreadable."""
@@ -794,7 +880,9 @@ class Filesystem:
                 log.error("object %d: data fails to authenticate: %s", h.ino, e)
                 raise FsError(errno.EIO, str(e)) from e
 
-    def write(self, fh: int, offset: int, data: bytes) -> int:
+    def write(self, fh: int, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write `data` (not kept: the store copies it) at `offset`, or at the end of
+        the file for O_APPEND handles."""
         with self._lock:
             h = self._handles.get(fh)
             if h is None:
@@ -938,6 +1026,24 @@ class Filesystem:
             xattrs.check_set(attrs, name, value, flags)
             attrs[name] = bytes(value)
             self._store_xattrs(node, attrs)
+            bit = xattrs.namespace_bit(name)
+            root = self._get(ROOT_INO)
+            if not root.flags & bit:
+                root.flags |= bit
+                self._touch(root)
+
+    def xattr_namespace_used(self, name: bytes) -> bool:
+        """False if no object of the vault ever had an attribute in `name`'s namespace
+        (a sticky per-vault bit in the root's inode flags): the kernel asks for
+        security.capability before every write and `ls -l` for ACLs and SELinux labels
+        of every file, and this answers ENODATA without a lookup."""
+        root = self._inodes.get(ROOT_INO)
+        if root is None:
+            return True
+        flags = root.flags
+        if flags == xattrs.NS_TRACKED:  # the usual case: no attribute was ever set
+            return False
+        return not flags & xattrs.NS_TRACKED or bool(flags & xattrs.namespace_bit(name))
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         with self._lock:

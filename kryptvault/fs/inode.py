@@ -8,7 +8,10 @@ Byte layout, little-endian, 128 bytes (docs: this module is the definition):
          8    4 gid        u32
         12    4 nlink      u32  directories: 2 + number of subdirectories
         16    8 rdev       u64  device number for S_IFCHR/S_IFBLK, else 0
-        24    4 flags      u32  reserved for inode flags, 0 today
+        24    4 flags      u32  0 for every object but the root, where bits 0-4 record
+                                "an attribute was ever set in namespace user/security/
+                                trusted/system/other" (sticky), bit 31 that these
+                                bits are maintained (set by mkfs; see xattr.NS_*)
         28    4 version    u32  ATTR_VERSION (1); 0 means "never initialised"
         32    8 atime_ns   i64  nanoseconds since the Unix epoch
         40    8 mtime_ns   i64

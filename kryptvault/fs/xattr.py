@@ -20,6 +20,23 @@ TOTAL_MAX = 1 << 20  # all attributes of one object together
 
 _REC = struct.Struct("<BI")
 
+# Bits of the root inode's `flags`: "some object has (had) an attribute in this namespace".
+NS_USER = 1 << 0
+NS_SECURITY = 1 << 1
+NS_TRUSTED = 1 << 2
+NS_SYSTEM = 1 << 3
+NS_OTHER = 1 << 4
+NS_TRACKED = 1 << 31  # the bits above are maintained (set by mkfs); without it: all "used"
+_NAMESPACES = ((b"user.", NS_USER), (b"security.", NS_SECURITY), (b"trusted.", NS_TRUSTED),
+               (b"system.", NS_SYSTEM))
+
+
+def namespace_bit(name: bytes) -> int:
+    for prefix, bit in _NAMESPACES:
+        if name.startswith(prefix):
+            return bit
+    return NS_OTHER
+
 
 def load(data: bytes) -> dict[bytes, bytes]:
     attrs: dict[bytes, bytes] = {}

@@ -13,6 +13,8 @@ futimens (needed for open-but-unlinked files, whose path is NULL), UTIME_NOW/UTI
 from __future__ import annotations
 
 import ctypes
+import errno
+import logging
 import os
 import sys
 from typing import Any
@@ -33,6 +35,9 @@ if mfusepy.fuse_version_major != 3:  # pragma: no cover - depends on the machine
         f"kryptvault needs libfuse3; mfusepy loaded libfuse {mfusepy.fuse_version_major}."
         f"{mfusepy.fuse_version_minor} (import kryptvault.fuseadapter before mfusepy)"
     )
+
+log = logging.getLogger("kryptvault.fuse")
+
 
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
@@ -60,6 +65,28 @@ def _timespec_ns(ts: Any) -> int:
 
 class KvFUSE(mfusepy.FUSE):  # type: ignore[misc]
     """mfusepy.FUSE with raw_fi semantics kept for setattr-family calls (see module doc)."""
+
+    def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """Every libfuse callback goes through here: -errno for an OSError, EIO (not
+        mfusepy's EINVAL) for any other exception, which also gets logged; a
+        BaseException stops the loop as in mfusepy. Leaner than mfusepy's own wrapper,
+        which formats an error string for every failed lookup."""
+        try:
+            return func(*args, **kwargs) or 0
+        except OSError as e:
+            err = e.errno
+            if isinstance(err, int) and err > 0:
+                return -err
+            log.error("FUSE operation %s raised %r", func.__name__, e)
+            return -errno.EINVAL
+        except Exception:
+            log.exception("FUSE operation %s failed", func.__name__)
+            return -errno.EIO
+        except BaseException as e:
+            self._FUSE__critical_exception = e  # mfusepy re-raises it after the loop
+            log.critical("FUSE operation %s: %r, stopping", func.__name__, e)
+            mfusepy.fuse_exit()
+            return -errno.EFAULT
 
     def _p(self, path: bytes | None) -> str | None:
         return None if path is None else path.decode(self.encoding, self.errors)
@@ -90,35 +117,73 @@ class KvFUSE(mfusepy.FUSE):  # type: ignore[misc]
     def readdir_fuse_3(
         self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
     ) -> int:
+        # Offset mode: every entry carries its cookie, so libfuse (3.14) sends real
+        # readdirplus entries (in its "whole directory" mode it drops the attributes).
         plus = bool(flags & FUSE_READDIR_PLUS)
-        entries = self.operations.readdir_entries(self._p(path), fip.contents.fh, plus)
+        try:
+            entries = self.operations.readdir_entries(self._p(path), fip.contents.fh, offset, plus)
+        except OSError as e:
+            return -(e.errno or errno.EIO)
         st = c_stat()
         size = ctypes.sizeof(st)
-        for name, attrs in entries:
+        for name, cookie, attrs in entries:
             ctypes.memset(ctypes.byref(st), 0, size)
-            fill = 0
-            if attrs is not None:
-                if plus and len(attrs) > 2:
-                    (
-                        st.st_ino,
-                        st.st_mode,
-                        st.st_nlink,
-                        st.st_uid,
-                        st.st_gid,
-                        st.st_rdev,
-                        st.st_size,
-                        st.st_blocks,
-                        st.st_blksize,
-                        at,
-                        mt,
-                        ct,
-                    ) = attrs
-                    st.st_atimespec.tv_sec, st.st_atimespec.tv_nsec = divmod(at, 1_000_000_000)
-                    st.st_mtimespec.tv_sec, st.st_mtimespec.tv_nsec = divmod(mt, 1_000_000_000)
-                    st.st_ctimespec.tv_sec, st.st_ctimespec.tv_nsec = divmod(ct, 1_000_000_000)
-                    fill = FUSE_FILL_DIR_PLUS
-                else:
-                    st.st_ino, st.st_mode = attrs[0], attrs[1]
-            if filler(buf, name, st, 0, fill) != 0:
+            if isinstance(attrs, tuple):
+                st.st_ino, st.st_mode = attrs
+                fill = 0
+            else:
+                _fill_stat(st, attrs)
+                fill = FUSE_FILL_DIR_PLUS
+            if filler(buf, name, st, cookie, fill) != 0:
                 break
         return 0
+
+    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        # Hand the request buffer itself to the filesystem (the store copies what it keeps)
+        # instead of mfusepy's string_at() copy of up to 1 MiB.
+        data = memoryview(ctypes.cast(buf, ctypes.POINTER(ctypes.c_ubyte * size)).contents)
+        try:
+            return int(self.operations.write(self._p(path), data, offset, fip.contents))
+        finally:
+            data.release()
+
+    def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        try:
+            s, extra_link = self.operations.stat(self._p(path), _fh(fip))
+        except OSError as e:
+            return -(e.errno or errno.EIO)
+        st = buf.contents
+        ctypes.memset(buf, 0, ctypes.sizeof(c_stat))
+        _fill_stat(st, s)
+        if extra_link:
+            st.st_nlink += 1
+        return 0
+
+    def getxattr(self, path: bytes, name: bytes, value: Any, size: int, *args: Any) -> int:
+        try:
+            ret = self.operations.getxattr_raw(self._p(path), name)
+        except OSError as e:
+            return -(e.errno or errno.EIO)
+        if ret is None:
+            return -errno.ENODATA
+        if not value:
+            return len(ret)
+        if len(ret) > size:
+            return -errno.ERANGE
+        ctypes.memmove(value, ret, len(ret))
+        return len(ret)
+
+
+def _fill_stat(st: Any, s: Any) -> None:
+    st.st_ino = s.ino
+    st.st_mode = s.mode
+    st.st_nlink = s.nlink
+    st.st_uid = s.uid
+    st.st_gid = s.gid
+    st.st_rdev = s.rdev
+    st.st_size = s.size
+    st.st_blocks = s.blocks
+    st.st_blksize = s.blksize
+    st.st_atimespec.tv_sec, st.st_atimespec.tv_nsec = divmod(s.atime_ns, 1_000_000_000)
+    st.st_mtimespec.tv_sec, st.st_mtimespec.tv_nsec = divmod(s.mtime_ns, 1_000_000_000)
+    st.st_ctimespec.tv_sec, st.st_ctimespec.tv_nsec = divmod(s.ctime_ns, 1_000_000_000)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import re
 import stat as statmod
 import threading
@@ -52,6 +53,36 @@ def _groups_of(pid: int) -> tuple[int, ...]:
     return ()
 
 
+class _Invalidator:
+    """Sends fuse_invalidate_path notifications from a helper thread (see
+    KryptvaultOperations._invalidate_aliases)."""
+
+    WAIT = 0.5
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[int, list[bytes], threading.Event]] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+
+    def run(self, fuse_ptr: int, paths: list[bytes]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._loop, name="kryptvault-inval", daemon=True
+            )
+            self._thread.start()
+        done = threading.Event()
+        self._queue.put((fuse_ptr, paths, done))
+        done.wait(self.WAIT)
+
+    def _loop(self) -> None:
+        while True:
+            fuse_ptr, paths, done = self._queue.get()
+            for p in paths:
+                libfuse.fuse_invalidate_path(fuse_ptr, p)
+            done.set()
+
+
 class KryptvaultOperations(Operations):  # type: ignore[misc]
     """The FUSE side of a mounted vault; one instance per mount."""
 
@@ -84,6 +115,7 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
         # a change through one name the others' cached attributes/pages are invalidated.
         self._aliases: dict[int, set[str]] = {}
         self._alias_lock = threading.Lock()
+        self._invalidator = _Invalidator()
         # Paths of open files, so that a lock can drop their cached pages (fuse-facts: an
         # aborted connection still serves page-cache hits to fds that are already open).
         self._open_paths: dict[int, str] = {}
@@ -123,6 +155,7 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
                 self.writeback = False
             conn.want = want
             self.negotiated_want = want
+            log.debug("FUSE capable=%#x want=%#x", conn.capable, want)
         try:
             self._fuse_ptr = libfuse.fuse_get_context().contents.fuse
         except (AttributeError, ValueError):  # pragma: no cover
@@ -173,13 +206,18 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
                 self._aliases.setdefault(s.ino, set()).add(path)
 
     def _invalidate_aliases(self, ino: int, but: str | None) -> None:
-        """Drop the kernel's cached attributes/pages of the other names of `ino`."""
+        """Drop the kernel's cached attributes/pages of the other names of `ino`.
+
+        The notification runs on a helper thread and is waited for briefly: invalidating
+        pages waits for page locks, which a read pending on another name holds until this
+        (single-threaded) loop answers it; past the wait the loop goes on and the
+        notification completes behind it."""
         if not self._aliases or self._fuse_ptr is None:
             return
         with self._alias_lock:
-            paths = [p for p in self._aliases.get(ino, ()) if p != but]
-        for p in paths:
-            libfuse.fuse_invalidate_path(self._fuse_ptr, _b(p))
+            paths = [_b(p) for p in self._aliases.get(ino, ()) if p != but]
+        if paths:
+            self._invalidator.run(self._fuse_ptr, paths)
 
     def _caller(self) -> tuple[int, int]:
         uid, gid, _pid = fuse_get_context()
@@ -191,59 +229,42 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
             log.error("kryptvault: I/O error on %s: %s", where, err.strerror)
 
     # ------------------------------------------------------------------ metadata
-    def getattr(self, path: str | None, fh: Any = None) -> dict[str, int]:
-        ino = self._ino(path, fh)
-        s = self.fs.getattr(ino)
+    def stat(self, path: str | None, fi: Any = None) -> tuple[Stat, bool]:
+        """(attributes, whether libfuse will subtract a hidden name's link) — the fast
+        path KvFUSE uses for GETATTR."""
+        s = self.fs.getattr(self._ino(path, fi))
         if s.nlink > 1:
             self._note_alias(path, s)
-        return self._attrs(s)
+        # libfuse subtracts the hidden name's link from a hidden file's count, but
+        # Filesystem.hide() already dropped it: add it back for libfuse to remove.
+        hidden = path is not None and ".fuse_hidden" in path and bool(
+            _HIDDEN.fullmatch(_b(path).rpartition(b"/")[2])
+        )
+        return s, hidden
+
+    def getattr(self, path: str | None, fh: Any = None) -> dict[str, int]:
+        s, hidden = self.stat(path, fh)
+        attrs = self._attrs(s)
+        if hidden:
+            attrs["st_nlink"] += 1
+        return attrs
 
     def readdir(self, path: str, fh: int) -> list[str]:  # registered; KvFUSE calls readdir_entries
-        return [n.decode("utf-8", "surrogateescape") for n, _ in self.readdir_entries(path, fh, False)]
+        return [n.decode("utf-8", "surrogateescape") for n, _, _ in self.readdir_entries(path, fh, 0, False)]
 
     def readdir_entries(
-        self, path: str | None, fh: int, plus: bool
-    ) -> list[tuple[bytes, tuple[int, ...] | None]]:
-        if path is None:
-            return []
-        ino = self.fs.resolve(_b(path))
-        if not plus:
-            return [(name, (oid, mode)) for name, oid, mode in self.fs.readdir(ino)]
-        dots = self.fs.readdir(ino)[:2]
-        out: list[tuple[bytes, tuple[int, ...] | None]] = [
-            (name, (oid, mode)) for name, oid, mode in dots
-        ]
-        for name, s in self.fs.readdir_plus(ino):
-            if s is None:
-                continue
-            out.append(
-                (
-                    name,
-                    (
-                        s.ino,
-                        s.mode,
-                        s.nlink,
-                        s.uid,
-                        s.gid,
-                        s.rdev,
-                        s.size,
-                        s.blocks,
-                        s.blksize,
-                        s.atime_ns,
-                        s.mtime_ns,
-                        s.ctime_ns,
-                    ),
-                )
-            )
-        return out
+        self, path: str | None, fh: int, offset: int, plus: bool
+    ) -> list[tuple[bytes, int, Stat | tuple[int, int]]]:
+        """Entries after cookie `offset` of the directory opened as `fh` (its inode)."""
+        return self.fs.readdir_from(fh, offset, plus)
 
     def opendir(self, path: str) -> int:
         ino = self.fs.resolve(_b(path))
-        if not statmod.S_ISDIR(self.fs.getattr(ino).mode):
-            raise FsError(errno.ENOTDIR)
-        return ino
+        self.fs.opendir(ino)
+        return ino  # the directory handle is its inode number
 
     def releasedir(self, path: str | None, fh: int) -> int:
+        self.fs.releasedir(fh)
         return 0
 
     def mkdir(self, path: str, mode: int) -> int:
@@ -384,6 +405,12 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         return self.fs.getxattr(self._ino(path), _b(name))
 
+    def getxattr_raw(self, path: str | None, name: bytes) -> bytes | None:
+        """The value, or None for ENODATA (the common answer, kept exception-free)."""
+        if not self.fs.xattr_namespace_used(name):
+            return None
+        return self.fs.getxattr(self._ino(path), name)
+
     def listxattr(self, path: str) -> list[str]:
         return [n.decode("utf-8", "surrogateescape") for n in self.fs.listxattr(self._ino(path))]
 
@@ -408,11 +435,11 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
 
     def open(self, path: str, fi: Any) -> int:
         ino = self._ino(path)
+        s = self.fs.getattr(ino)
         fh = self.fs.open(ino, fi.flags, append_in_fs=not self.writeback)
         fi.fh = fh
         with self._alias_lock:
             self._open_paths[fh] = path
-        s = self.fs.getattr(ino)
         if self._keep_cache(s):
             fi.keep_cache = 1
         if fi.flags & os.O_TRUNC:
@@ -426,7 +453,7 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
             self._eio_log(path, self.fs.handle_ino(fi.fh), e)
             raise
 
-    def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
+    def write(self, path: str | None, data: bytes | memoryview, offset: int, fi: Any) -> int:
         try:
             n = self.fs.write(fi.fh, offset, data)
         except FsError as e:
@@ -435,9 +462,6 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
         if self._aliases:
             self._invalidate_aliases(self.fs.handle_ino(fi.fh), path)
         return n
-
-    def flush(self, path: str | None, fi: Any) -> int:
-        return 0
 
     def release(self, path: str | None, fi: Any) -> int:
         with self._alias_lock:
