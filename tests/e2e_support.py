@@ -20,7 +20,7 @@ import os
 import shlex
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +63,9 @@ class CliResult:
 class KvGuest:
     """The guest-side helper process, plus the stick bookkeeping the tests need."""
 
-    def __init__(self, rig: UsbRig) -> None:
+    def __init__(self, rig: UsbRig, env: Mapping[str, str] | None = None) -> None:
         self.rig = rig
+        self.env = dict(env or {})
         self.dir = rig.chan_dir / "kvz"
         self.proc: GuestProcess | None = None
         self._requests = 0
@@ -74,7 +75,7 @@ class KvGuest:
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 180) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        env = {"XDG_STATE_HOME": GUEST_STATE, "XDG_RUNTIME_DIR": GUEST_RUNTIME}
+        env = {"XDG_STATE_HOME": GUEST_STATE, "XDG_RUNTIME_DIR": GUEST_RUNTIME, **self.env}
         env_args = " ".join(f"--env {shlex.quote(f'{k}={v}')}" for k, v in env.items())
         t0 = time.monotonic()
         self.proc = self.rig.spawn(
@@ -182,12 +183,17 @@ class KvGuest:
 
 
 @contextlib.contextmanager
-def booted_guest(workdir: Path, sticks: Sequence[Stick]) -> Iterator[KvGuest]:
-    """A guest with these sticks and the helper running in it; both stop afterwards."""
+def booted_guest(
+    workdir: Path, sticks: Sequence[Stick], env: Mapping[str, str] | None = None
+) -> Iterator[KvGuest]:
+    """A guest with these sticks and the helper running in it; both stop afterwards.
+
+    `env` goes to the helper and so to every kryptvault process (CLI and daemons).
+    """
     if os.environ.get("KRYPTVAULT_SKIP_QEMU") == "1":
         pytest.skip("KRYPTVAULT_SKIP_QEMU=1")
     with UsbRig(workdir, sticks) as rig:
-        kv = KvGuest(rig)
+        kv = KvGuest(rig, env)
         kv.start()
         try:
             yield kv

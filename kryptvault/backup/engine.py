@@ -82,6 +82,16 @@ STRATEGIES = ("auto", "in-place", "clone", "copy")
 ZERO_UNIT = bytes(DIFF_UNIT)
 
 Progress = Callable[[int, int], None]
+
+# TEST-ONLY hook: with KRYPTVAULT_TEST_BACKUP_SLOW_MS=N set, every 1 MiB chunk copied from
+# the container sleeps N ms, so tests can act while a backup is copying. Never set it otherwise.
+TEST_SLOW_ENV = "KRYPTVAULT_TEST_BACKUP_SLOW_MS"
+
+
+def _test_slow_chunk() -> None:
+    raw = os.environ.get(TEST_SLOW_ENV)
+    if raw:
+        time.sleep(int(raw) / 1000)
 Descriptors = list["array[int] | None"]
 
 
@@ -464,6 +474,8 @@ def _full_backup(src: Source, state: SetState, temps: _Temps, progress: Progress
                 for a, b in pieces.get(index, []):
                     buf[a - c0 : b - c0] = src.read(b - a, a)
                     done += b - a
+                if index in pieces:
+                    _test_slow_chunk()
                 hasher.update(buf)
                 written += write_sparse(fd, buf, c0, hook)
                 if progress is not None:
@@ -471,6 +483,7 @@ def _full_backup(src: Source, state: SetState, temps: _Temps, progress: Progress
             fsync(fd, hook)
         finally:
             os.close(fd)
+        src.end_reads()  # a live hold lost before this point discards the copy
         manifest = Manifest(
             vault_uuid=src.vault_uuid, version=1, created_ns=clock(), method="full", live=src.live,
             block_size=src.layout.block_size, header_sequence=src.header.sequence,
@@ -595,6 +608,7 @@ def _apply_changes(src: Source, state: SetState, temps: _Temps, cur: int, previo
         try:
             writer = IncrementWriter(inc_fd, hook)
             new_sums = _patch_chunks(src, cur, previous, ranges, writer, forward, progress)
+            src.end_reads()  # a live hold lost before this point discards the copy
             inc_sums = writer.finish(state.vault_uuid, newest, version, old_size, new_size)
             fsync(inc_fd, hook)
             if work_fd >= 0:
@@ -661,6 +675,8 @@ def _patch_chunks(src: Source, cur: int, previous: Manifest, ranges: list[tuple[
         new[:common] = old[:common]
         diff_units: list[int] = []
         grow_units: list[int] = []
+        if index in pieces:
+            _test_slow_chunk()
         for a, b in pieces.get(index, []):
             b = min(b, c0 + new_len)
             if a >= b:

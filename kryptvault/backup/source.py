@@ -5,7 +5,11 @@ Live protocol (docs/BACKUP.md "Live backup"): backup-hold → the daemon commits
 reuse and answers {"generation": G} (optionally "header_area": base64 of bytes
 [0, 64 KiB) read under its store lock, which makes the copy exactly generation G) →
 the header area and commit slots are copied first, then the change tables are read,
-then the data ranges → backup-release, always.
+then the data ranges → backup-release. The release comes after the last read and
+before the commit point (`Source.end_reads`): a successful release proves the hold lasted
+the whole copy. If the daemon is gone by then (the vault was locked, e.g. its token
+unplugged), nothing kept the held units from being reused, so the copy is discarded.
+On any failure the release is still attempted, and its own error does not hide the first.
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ class StoreHold:
         self._store.release_reuse()
 
 
+HOLD_LOST = "the vault was locked during the backup; nothing was kept"
+
+
 class ControlHold:
     """A backup hold requested from the mount daemon over its control socket."""
 
@@ -117,7 +124,11 @@ class ControlHold:
         return HoldInfo(generation, area)
 
     def release(self) -> None:
-        self._request("backup-release")
+        try:
+            self._request("backup-release")
+        except KryptvaultError as exc:
+            # The daemon that held reuse for us is gone (locked) or is another one.
+            raise KryptvaultError(f"{HOLD_LOST} ({exc})") from exc
 
 
 def header_from_area(area: bytes) -> Header:
@@ -138,7 +149,15 @@ class Source:
     """Reads of the source container, counted; [0, 64 KiB) always comes from the area
     captured first (for a live backup: right after the hold)."""
 
-    def __init__(self, path: Path, fd: int, header: Header, area: bytes, live_generation: int | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        fd: int,
+        header: Header,
+        area: bytes,
+        live_generation: int | None,
+        hold: LiveHold | None = None,
+    ) -> None:
         self.path = path
         self.fd = fd
         self.header = header
@@ -149,6 +168,16 @@ class Source:
         # fits in it (the file never shrinks).
         self.size = os.fstat(fd).st_size
         self.bytes_read = len(area)
+        self._hold = hold
+        self.reads_ended = False
+
+    def end_reads(self) -> None:
+        """The copy is complete: end the live hold now, before anything is committed. A
+        hold that cannot be released did not last the whole copy: raises KryptvaultError."""
+        self.reads_ended = True
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            hold.release()
 
     @property
     def live(self) -> bool:
@@ -159,6 +188,8 @@ class Source:
         return self.header.vault_uuid
 
     def read(self, length: int, offset: int) -> bytes:
+        if self.reads_ended:
+            raise KryptvaultError("internal error: the container was read after the backup hold ended")
         end = min(offset + length, self.size)
         if end <= offset:
             return b""
@@ -215,8 +246,18 @@ def open_source(path: Path, live_hold: LiveHold | None = None,
             area = info.header_area if info.header_area is not None else read_exact(fd, DATA_AREA_OFFSET, 0)
             if len(area) < DATA_AREA_OFFSET:
                 raise FormatError(f"{path} is truncated (shorter than its header and commit area)")
-            yield Source(path, fd, header_from_area(area), area, info.generation)
-        finally:
-            hold.release()
+            src = Source(path, fd, header_from_area(area), area, info.generation, hold)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                hold.release()
+            raise
+        try:
+            yield src
+        except BaseException:
+            if not src.reads_ended:
+                with contextlib.suppress(Exception):  # the first error is the one to report
+                    src.end_reads()
+            raise
+        src.end_reads()  # a no-op unless the caller never ended its reads
     finally:
         os.close(fd)

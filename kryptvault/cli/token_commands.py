@@ -107,6 +107,7 @@ def _registrations_in(share_dir: Path) -> list[object]:
     help="A token already registered, to open the vault (default: the plugged one).",
 )
 @password_options
+@recovery_options
 @click.option(
     "--new-password",
     "ask_new_password",
@@ -121,12 +122,19 @@ def token_add(
     old_token: str | None,
     password_fd: int | None,
     password_file: Path | None,
+    recovery: bool,
+    recovery_key_file: Path | None,
     ask_new_password: bool,
     kdf_time_ms: int | None,
     kdf_memory_mib: int | None,
     label: str,
 ) -> None:
-    """Enrol another token as its own keyslot (opens the vault with an existing token + password)."""
+    """Enrol another token as its own keyslot.
+
+    The vault is opened with an existing token + password (the new slot gets the same
+    password unless --new-password), or with --recovery when no token is left (the
+    password then given is the new slot's, asked twice on a terminal).
+    """
     harden_process()
     header = read_container_header(container).header
     target = resolve_token(new_token, vault_uuid=header.vault_uuid)
@@ -135,9 +143,16 @@ def token_add(
     ):
         raise UsageError(f"{target.identity.describe()} is already registered for this vault")
     source = password_source(password_fd, password_file)
+    ask_recovery = recovery_asker(recovery, recovery_key_file)
+    if ask_recovery is not None:
+        password = read_new_password(source, "Password for the new token: ")
+    else:
+        password = read_secret(source, "Password: ")
     with (
-        read_secret(source, "Password: ") as password,
-        unlock_container(container, token_spec=old_token, ask_password=password.copy) as unlocked,
+        password,
+        unlock_container(
+            container, token_spec=old_token, ask_password=password.copy, ask_recovery_key=ask_recovery
+        ) as unlocked,
     ):
         if unlocked.token is not None and unlocked.token.share_dir == target.share_dir:
             raise UsageError("the new token is the one that opened the vault; plug in the other stick")
@@ -150,7 +165,7 @@ def token_add(
         )
         new_password = (
             read_new_password(password_source(None, None), "Password for the new token: ")
-            if ask_new_password
+            if ask_new_password and ask_recovery is None
             else password.copy()
         )
         share = Share.generate(unlocked.vault_uuid, unlocked.share.generation if unlocked.share else 0)

@@ -83,13 +83,27 @@ def block_aad(
     return BLOCK_AAD.pack(BLOCK_AAD_MAGIC, vault_uuid, oid, stream, level, index, stored_len)
 
 
+_ZERO_UNITS: dict[int, bytes] = {}
+
+
 def stored_units(buf: bytearray | bytes, unit_size: int) -> int:
     """Units left after stripping trailing all-zero units (0 = the block is all zeros)."""
     n = len(buf)
     if n and buf[-1]:
-        return n // unit_size
-    kept = len(buf.rstrip(b"\0"))
-    return -(-kept // unit_size)
+        return -(-n // unit_size)
+    zero = _ZERO_UNITS.get(unit_size)
+    if zero is None:
+        zero = _ZERO_UNITS.setdefault(unit_size, bytes(unit_size))
+    # Compare whole units from the end (C memcmp) rather than rstrip-ing a copy of the
+    # block: most blocks end in data, and a sparse tail is skipped a unit at a time.
+    units = -(-n // unit_size)
+    while units:
+        start = (units - 1) * unit_size
+        tail = buf[start : start + unit_size]
+        if tail != zero[: len(tail)]:
+            break
+        units -= 1
+    return units
 
 
 def seal_block(

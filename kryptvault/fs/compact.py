@@ -436,12 +436,18 @@ def compact(
     keys: StoreKeys,
     *,
     progress: Callable[[int, int], None] | None = None,
+    dest_keys: StoreKeys | None = None,
 ) -> CompactStats:
     """Write a compacted copy of the container open on `source_fd` into `dest_fd` (an
     empty or disposable file; it is truncated first). The source is only read. Raises
     IntegrityError if any block of the source is damaged (run fsck --repair first): a
-    compaction never drops data. The caller fsyncs nothing more and swaps the files."""
+    compaction never drops data. The caller fsyncs nothing more and swaps the files.
+
+    `dest_keys` (rekey): seal the copy under these keys instead of `keys`. The copy's
+    nonce budget then starts afresh (a new data key), and the header copied verbatim
+    still wraps the old master key: the caller must overwrite it."""
     before = os.fstat(source_fd).st_size
+    out_keys = keys if dest_keys is None else dest_keys
     source = ObjectStore.open(source_fd, layout, vault_uuid, keys.data, keys.meta, read_only=True)
     try:
         if source.open_damage:
@@ -450,7 +456,7 @@ def compact(
             )
         os.ftruncate(dest_fd, 0)
         copy_header(source_fd, dest_fd)
-        dest = ObjectStore.create(dest_fd, layout, vault_uuid, keys.data, keys.meta)
+        dest = ObjectStore.create(dest_fd, layout, vault_uuid, out_keys.data, out_keys.meta)
         try:
             try:
                 result = copy_objects(source, dest, progress=progress)
@@ -465,11 +471,11 @@ def compact(
             dest_fd,
             layout,
             vault_uuid,
-            keys.meta,
+            out_keys.meta,
             after_generation=source.generation,
-            base_encryptions=source.encryptions,
+            base_encryptions=source.encryptions if dest_keys is None else 0,
         )
-        check = ObjectStore.open(dest_fd, layout, vault_uuid, keys.data, keys.meta, read_only=True)
+        check = ObjectStore.open(dest_fd, layout, vault_uuid, out_keys.data, out_keys.meta, read_only=True)
         try:
             if check.open_damage:
                 raise IntegrityError("the compacted copy does not open cleanly; nothing was replaced")

@@ -106,7 +106,8 @@ class MountSession:
             data_key.wipe()
             meta_key.wipe()
         self._check_rollback()
-        self.fs = Filesystem(self.store)
+        # statfs counts the free space of the disk the container can still grow into.
+        self.fs = Filesystem(self.store, host_dir=str(path.parent))
         try:
             backup = load_config(self.vault_uuid)
             self.backup_after_lock = backup.after_lock and bool(backup.destinations)
@@ -254,6 +255,8 @@ class MountSession:
 
     def _op_backup_hold(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
         assert self.fs is not None and self.store is not None
+        if self.lock.locked:
+            raise KryptvaultError("the vault is locking")
         self.fs.commit()
         generation, head = self.store.hold_reuse_with_head()
         with self._holds_lock:

@@ -15,9 +15,11 @@ write() failed may or may not be.
 
 The detector holds a pidfd for the daemon (readable the moment it exits, zombie or not)
 and /proc/self/mountinfo (POLLPRI on every mount-table change), and poll()s both with a
-1 ms timeout; on every wake-up it checks the pid and, on a mount-table change (or every
-10 ms as a fallback), whether MOUNTPOINT is still in mountinfo. Stamps are
-``time.monotonic_ns()``, the clock uevent_stamp.py uses.
+`poll_ms` timeout; on every wake-up it checks the pid and, on a mount-table change (or
+every max(10, poll_ms) ms as a fallback), whether MOUNTPOINT is still in mountinfo. Both
+end points are events, so the stamps are exact whatever `poll_ms` is; the timeout only
+bounds how late a missed event would be noticed. Stamps are ``time.monotonic_ns()``, the
+clock uevent_stamp.py uses.
 """
 
 from __future__ import annotations
@@ -99,7 +101,12 @@ def _mounted(mountinfo: int, mountpoint: str) -> bool:
 
 
 def watch(
-    pid: int, mountpoint: str, out_path: str, timeout: float = 60.0, ready_path: str | None = None
+    pid: int,
+    mountpoint: str,
+    out_path: str,
+    timeout: float = 60.0,
+    ready_path: str | None = None,
+    poll_ms: int = 1,
 ) -> int:
     pidfd = os.pidfd_open(pid)
     mountinfo = os.open("/proc/self/mountinfo", os.O_RDONLY)
@@ -114,22 +121,31 @@ def watch(
     if ready_path:
         _write(ready_path, {"ready": time.monotonic_ns()})
     mount_gone = pid_gone = None
+    mount_gone_via = None
     wakeups = 0
     deadline = time.monotonic_ns() + int(timeout * 1e9)
+    fallback_ns = max(10, poll_ms) * 1_000_000
     next_fallback = 0
     while mount_gone is None or pid_gone is None:
-        events = dict(poller.poll(1))
+        events = dict(poller.poll(poll_ms))
         now = time.monotonic_ns()
         wakeups += 1
         if pid_gone is None and pidfd in events:
             pid_gone = now
         if mount_gone is None and (mountinfo in events or now >= next_fallback):
-            next_fallback = now + 10_000_000
+            next_fallback = now + fallback_ns
             if not _mounted(mountinfo, mountpoint):
                 mount_gone = time.monotonic_ns()
+                mount_gone_via = "event" if mountinfo in events else "fallback"
         if now > deadline:
             break
-    result = {"mount_gone": mount_gone, "pid_gone": pid_gone, "wakeups": wakeups}
+    result = {
+        "mount_gone": mount_gone,
+        "pid_gone": pid_gone,
+        "mount_gone_via": mount_gone_via,
+        "wakeups": wakeups,
+        "poll_ms": poll_ms,
+    }
     if mount_gone is not None and pid_gone is not None:
         result["end"] = max(mount_gone, pid_gone)
     _write(out_path, result)

@@ -2,8 +2,9 @@
 
 Per cycle, with the vault mounted and its daemon pid known:
 
-1. fork the end-of-lock detector (lockprobe.watch: pidfd + mountinfo, 1 ms poll) and the
-   writer (lockprobe.write_loop: append + fsync numbered lines to a file in the vault);
+1. fork the end-of-lock detector (lockprobe.watch: woken by a pidfd and mountinfo's
+   POLLPRI, plus a `poll_ms` fallback poll) and the writer (lockprobe.write_loop: append +
+   fsync numbered lines to a file in the vault);
 2. once the writer has fsync-ed a few lines, stamp CLOCK_MONOTONIC and ask the host to pull
    the stick (QMP device_del); the host reports how long after our request it sent it;
 3. wait for the detector's stamp and the writer's end; read the first kernel `remove`
@@ -12,8 +13,11 @@ Per cycle, with the vault mounted and its daemon pid known:
    disk, mount it, check the container (`info`, `fsck`), mount the vault again and check
    the file against the writer's logs.
 
-Nothing here asserts: every number and every problem goes into the per-cycle record the
-host test asserts on, so one bad cycle does not hide the others.
+While the lock runs, this process only blocks (pidfds), so that it takes no CPU from the
+guest's single vCPU. With `trace`, a scheduler trace of each lock window (tracefs, on
+CLOCK_MONOTONIC) says which task had the CPU. Nothing here asserts: every number and every
+problem goes into the per-cycle record the host test asserts on, so one bad cycle does not
+hide the others.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -63,10 +68,13 @@ def stick_disk(serial: str) -> tuple[str, str] | None:
                     continue
         except OSError:
             continue
-        if os.path.exists(f"/dev/{name}") and os.path.getsize(f"/sys/block/{name}/size") >= 0:
+        try:
             with open(f"/sys/block/{name}/size") as f:
-                if int(f.read().strip() or 0) > 0:
-                    return f"/dev/{name}", usb[len("/sys") :]
+                sectors = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if sectors > 0 and os.path.exists(f"/dev/{name}"):  # the medium is there, not just the device
+            return f"/dev/{name}", usb[len("/sys") :]
     return None
 
 
@@ -99,20 +107,22 @@ def fork(fn: Callable[..., int], *args: Any) -> int:
 
 
 def reap(pid: int, timeout: float) -> int | None:
-    """The child's exit code, or None if it had to be killed after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
+    """The child's exit code, or None if it had to be killed after `timeout`.
+
+    Blocks in poll() on a pidfd: no polling loop competing for the guest's one vCPU while
+    the lock being measured runs."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        if not select.select([pidfd], [], [], timeout)[0]:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             os.waitpid(pid, 0)
             return None
-        time.sleep(0.005)
+    finally:
+        os.close(pidfd)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def wait_file(path: Path, timeout: float) -> None:
@@ -129,6 +139,82 @@ def clock_offset_ns() -> int:
     real = time.time_ns()
     b = time.monotonic_ns()
     return real - (a + b) // 2
+
+
+TRACEFS = Path("/sys/kernel/tracing")
+TRACE_LINE = re.compile(
+    r"^\s*(?P<comm>.{1,16}?)-(?P<pid>\d+)\s+\(\s*(?P<tgid>[\d-]+)\)\s+\[\d+\]\s+\S+\s+"
+    r"(?P<ts>\d+\.\d+): (?P<event>\w+): (?P<rest>.*)$"
+)
+NEXT_PID = re.compile(r"==> next_comm=.* next_pid=(\d+) ")
+
+
+def _tracefs(name: str, value: str) -> None:
+    (TRACEFS / name).write_text(value)
+
+
+def trace_setup() -> None:
+    """Scheduler tracing on CLOCK_MONOTONIC, for a CPU breakdown of the lock window."""
+    if not (TRACEFS / "trace").exists():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=True)
+    _tracefs("tracing_on", "0")
+    _tracefs("trace_clock", "mono")
+    _tracefs("buffer_size_kb", "8192")
+    _tracefs("trace_options", "record-tgid")
+    for event in ("sched_switch", "sched_process_exit"):
+        _tracefs(f"events/sched/{event}/enable", "1")
+
+
+def trace_start() -> None:
+    _tracefs("trace", "")
+    _tracefs("tracing_on", "1")
+
+
+def trace_stop() -> str:
+    _tracefs("tracing_on", "0")
+    return (TRACEFS / "trace").read_text(errors="replace")
+
+
+def cpu_breakdown(trace: str, start: int, end: int, roles: dict[int, str]) -> dict[str, Any]:
+    """Who had the (single) vCPU between `start` and `end` (ns), in ms, by role; and when
+    the daemon's threads exited (ms after `start`; its main thread's exit marks the
+    process teardown that os._exit starts)."""
+    cpu: dict[str, float] = {}
+    last_ts: int | None = None
+    exits: list[float] = []
+    leader_exit = None
+    daemon = next((tgid for tgid, role in roles.items() if role == "daemon"), None)
+    for line in trace.splitlines():
+        m = TRACE_LINE.match(line)
+        if m is None:
+            continue
+        ts = int(m["ts"].replace(".", "")) * 1000  # seconds.microseconds -> ns
+        tgid = int(m["tgid"]) if m["tgid"].isdigit() else int(m["pid"])
+        if m["event"] == "sched_process_exit":
+            if tgid == daemon:
+                exits.append(round((ts - start) / 1e6, 1))
+                if int(m["pid"]) == daemon:
+                    leader_exit = ts
+            continue
+        if m["event"] != "sched_switch":
+            continue
+        if last_ts is not None:
+            lo, hi = max(last_ts, start), min(ts, end)
+            if hi > lo:
+                pid = int(m["pid"])
+                comm = m["comm"].strip()
+                if pid == 0:
+                    role = "idle"
+                elif tgid in roles:
+                    role = roles[tgid]
+                elif comm.startswith("kworker"):
+                    role = "kernel: kworker"
+                else:
+                    role = f"other: {comm.split('/')[0]}"
+                cpu[role] = cpu.get(role, 0.0) + (hi - lo) / 1e6
+        last_ts = ts
+    ordered = dict(sorted(((k, round(v, 1)) for k, v in cpu.items()), key=lambda kv: -kv[1]))
+    return {"cpu_ms": ordered, "leader_exit": leader_exit, "daemon_thread_exits_ms": exits}
 
 
 def count_fsynced(log_path: Path) -> int:
@@ -220,6 +306,8 @@ def run(
     fsck_every: int = 1,
     min_lines: int = 5,
     data_name: str = "journal.txt",
+    trace: bool = False,
+    poll_ms: int = 1,
 ) -> dict[str, Any]:
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -227,6 +315,8 @@ def run(
     uevents = work / "uevents.log"
     records: list[dict[str, Any]] = []
     logs: list[dict[str, Any]] = []
+    if trace:
+        trace_setup()
     # The independent listener: its own interpreter, started once, kernel group only.
     with open(uevents, "w") as out:
         listener = subprocess.Popen(
@@ -256,6 +346,9 @@ def run(
                 "data_path": data_path,
                 "fsck": bool(fsck_every) and cycle % fsck_every == 0,
                 "min_lines": min_lines,
+                "trace": trace,
+                "poll_ms": poll_ms,
+                "listener": listener.pid,
             }
             try:
                 pid = _one_cycle(guest, rec, logs, params)
@@ -283,7 +376,9 @@ def _one_cycle(guest: Any, rec: dict[str, Any], logs: list[dict[str, Any]], p: d
     watch_out = work / f"watch-{cycle}.json"
     watch_ready = work / f"watch-{cycle}.ready"
     writer_log = work / f"writer-{cycle}.log"
-    watcher = fork(lockprobe.watch, pid, p["mountpoint"], str(watch_out), 60.0, str(watch_ready))
+    watcher = fork(
+        lockprobe.watch, pid, p["mountpoint"], str(watch_out), 60.0, str(watch_ready), p["poll_ms"]
+    )
     wait_file(watch_ready, 30)
     writer = fork(lockprobe.write_loop, str(p["data_path"]), str(writer_log), cycle)
     deadline = time.monotonic() + 30
@@ -294,6 +389,8 @@ def _one_cycle(guest: Any, rec: dict[str, Any], logs: list[dict[str, Any]], p: d
     rec["fsynced_before_unplug"] = count_fsynced(writer_log)
     rec["clock_offset_ns"] = clock_offset_ns()
 
+    if p["trace"]:
+        trace_start()
     # -- the pull: stamp, then the host's QMP device_del
     t_req, act = guest.host_action_stamped("unplug", p["stick_id"])
     rec["t_req"] = t_req
@@ -303,6 +400,7 @@ def _one_cycle(guest: Any, rec: dict[str, Any], logs: list[dict[str, Any]], p: d
     rec["watch_rc"] = rc
     writer_rc = reap(writer, 30)
     rec["writer_rc"] = writer_rc
+    trace = trace_stop() if p["trace"] else None
     log = lockprobe.read_write_log(str(writer_log))
     logs.append(log)
     rec["writer"] = log
@@ -321,20 +419,29 @@ def _one_cycle(guest: Any, rec: dict[str, Any], logs: list[dict[str, Any]], p: d
         rec["b_ms"] = (end - (t_req + done["host_delay_ns"])) / 1e6
     if end is None:
         rec["problems"].append(f"the lock did not finish: {result}")
+    if trace is not None and end is not None and first is not None:
+        roles = {pid: "daemon", writer: "writer", watcher: "detector", p["listener"]: "uevent listener"}
+        roles[os.getpid()] = "kvguest helper"
+        rec["trace"] = cpu_breakdown(trace, first[0], end, roles)
+        exit_at = rec["trace"]["leader_exit"]
+        if exit_at is not None:
+            rec["trace"]["exit_ms"] = round((end - exit_at) / 1e6, 1)
+            rec["trace"]["exit_cpu_ms"] = cpu_breakdown(trace, exit_at, end, roles)["cpu_ms"]
 
     # -- plug back in, check the container, remount, check the data
     t0 = time.monotonic()
     guest.sh(f"umount -l {p['stick_mnt']}")
-    guest.wait_action(guest.host_action("plug", p["stick_id"]), 60)
+    plug = guest.host_action("plug", p["stick_id"])
+    info = guest.cli(["info", p["container"], "--json"])  # meanwhile the stick enumerates
+    rec["info_rc"] = info["rc"]
+    if info["rc"] != 0:
+        rec["problems"].append(f"info failed: {info['err'].strip()}")
+    guest.wait_action(plug, 60)
     dev, _ = wait_for_disk(p["serial"], 30)
     mounted = guest.sh(f"mount -o uid=0 {dev} {p['stick_mnt']}")
     if mounted["rc"] != 0:
         raise RuntimeError(f"cannot mount the stick again: {mounted}")
     rec["replug_s"] = round(time.monotonic() - t0, 3)
-    info = guest.cli(["info", p["container"], "--json"])
-    rec["info_rc"] = info["rc"]
-    if info["rc"] != 0:
-        rec["problems"].append(f"info failed: {info['err'].strip()}")
     if p["fsck"]:
         fsck = guest.cli(["fsck", p["container"], "--password-file", p["password_file"], "--json"])
         rec["fsck_rc"] = fsck["rc"]
