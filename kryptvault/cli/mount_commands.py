@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import sys
 import time
 import uuid
@@ -232,13 +231,14 @@ def _lock(target: str | None, all_vaults: bool, vault: str | None, reason: str) 
 
 
 def _alive(pid: int) -> bool:
+    """Whether the daemon still runs. An exited process waits as a zombie until its parent
+    (here usually init) reaps it; its memory, and with it the keys, is already gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    state = stat[stat.rindex(")") + 2 :].split(" ", 1)[0]
+    return state not in ("Z", "X")
 
 
 @cli.command()
