@@ -13,6 +13,7 @@ PKGS=(
   qemu-system-x86 busybox-static         # tests: the QEMU guest with an emulated USB stick
   gocryptfs                              # bench: the peer we compare with
   git rsync sqlite3 tar                  # tests: real programs on the mount
+  udev                                   # tests: udev rules loaded by udevd in the QEMU guest
 )
 if command -v apt-get >/dev/null; then
   $SUDO apt-get update -qq

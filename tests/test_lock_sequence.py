@@ -11,7 +11,8 @@ from kryptvault.session.rollback import RollbackDetected, check_rollback
 
 
 class Recorder:
-    def __init__(self, commit_seconds: float = 0.0, token_present: bool = True) -> None:
+    def __init__(self, commit_seconds: float = 0.0, token_present: bool = True, dirty: bool = True) -> None:
+        self.dirty = dirty
         self.events: list[str] = []
         self.finished: list[LockOutcome] = []
         self.commit_seconds = commit_seconds
@@ -34,6 +35,7 @@ class Recorder:
 
         return LockSteps(
             refuse=lambda: self.note("refuse"),
+            needs_commit=lambda: self.dirty,
             commit=commit,
             record_generation=record,
             take_mount_away=lambda: self.note("take_mount_away"),
@@ -49,6 +51,13 @@ def test_lock_runs_its_steps_in_the_specified_order() -> None:
     assert rec.events == ["refuse", "commit", "record:42", "take_mount_away", "wipe", "audit:unplug"]
     (outcome,) = rec.finished
     assert outcome.generation == 42 and not outcome.commit_late and outcome.token_updated
+
+
+def test_with_nothing_unsaved_the_lock_commits_inline_in_the_same_order() -> None:
+    rec = Recorder(dirty=False)
+    assert LockSequence(rec.steps(), commit_deadline=0.001).trigger("unplug", "uevent")
+    assert rec.events == ["refuse", "commit", "record:42", "take_mount_away", "wipe", "audit:unplug"]
+    assert not rec.finished[0].commit_late
 
 
 def test_a_slow_commit_does_not_keep_the_mount_but_is_still_waited_for_before_the_wipe() -> None:

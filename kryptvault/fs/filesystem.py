@@ -1109,6 +1109,10 @@ class Filesystem:
         """Refuse every later operation with EIO (the first step of a lock)."""
         self._lock.seal()
 
+    def has_unsaved_changes(self) -> bool:
+        """Whether a commit would write anything (lock-free: used after `seal()`)."""
+        return bool(self._dirty) or self._dirty_since is not None or self.store.dirty_bytes() > 0
+
     def commit_sealed(self) -> int:
         """The lock sequence's final commit, allowed after `seal()`."""
         with self._lock.held():

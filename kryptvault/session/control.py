@@ -171,6 +171,14 @@ class ControlServer:
                 os.unlink(self.socket_path)
         self._release_lock()
 
+    def abandon(self) -> None:
+        """For a process about to exit: remove the socket now, join nothing (exit closes
+        the rest). Used by the lock, where every millisecond counts."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            if self._inode is not None and os.stat(self.socket_path).st_ino == self._inode:
+                os.unlink(self.socket_path)
+
     def __enter__(self) -> ControlServer:
         self.start()
         return self

@@ -40,10 +40,10 @@ def is_stale(path: Path) -> bool:
     return False
 
 
-def _mountinfo_entry(path: Path) -> list[str] | None:
-    """The /proc/self/mountinfo fields of the topmost mount at `path` (no stat: works on a
-    dead mount too)."""
-    target = os.path.realpath(path)
+def _mountinfo_entry(path: Path, resolve: bool = True) -> list[str] | None:
+    """The /proc/self/mountinfo fields of the topmost mount at `path` (no stat of the mount
+    itself: works on a dead mount, and from the mount's own daemon with `resolve=False`)."""
+    target = os.path.realpath(path) if resolve else os.path.abspath(path)
     found = None
     with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8") as info:
         for line in info:
@@ -63,9 +63,12 @@ def mounted_fuse_source(path: Path) -> str | None:
     return fields[sep + 2] if fields[sep + 1].startswith("fuse") else None
 
 
-def connection_id(path: Path) -> int | None:
-    """N in /sys/fs/fuse/connections/N: the minor number of the mount's device."""
-    fields = _mountinfo_entry(path)
+def connection_id(path: Path, resolve: bool = True) -> int | None:
+    """N in /sys/fs/fuse/connections/N: the minor number of the mount's device.
+
+    The mount's own daemon must pass an already resolved path with `resolve=False`:
+    realpath would stat the mount root and so send a request to itself."""
+    fields = _mountinfo_entry(path, resolve)
     if fields is None:
         return None
     return int(fields[2].split(":")[1])

@@ -24,6 +24,7 @@ COMMIT_HARD_LIMIT = 60.0
 @dataclass
 class LockSteps:
     refuse: Callable[[], None]
+    needs_commit: Callable[[], bool]
     commit: Callable[[], int]
     record_generation: Callable[[int], bool]
     take_mount_away: Callable[[], None]
@@ -76,6 +77,17 @@ class LockSequence:
 
     def _run(self, outcome: LockOutcome, steps: LockSteps) -> None:
         self._step(outcome, "refuse", steps.refuse)
+        if not steps.needs_commit():
+            # Nothing accepted is unsaved: the commit is a no-op that only reads the
+            # generation, so no thread (and no deadline) is needed.
+            outcome.generation = steps.commit()
+            outcome.commit_seconds = 0.0
+            outcome.steps.append("commit")
+            self._record(outcome, steps)
+            self._step(outcome, "take_mount_away", steps.take_mount_away)
+            self._step(outcome, "wipe", steps.wipe)
+            self._step(outcome, "audit", lambda: steps.audit(outcome))
+            return
         done = threading.Event()
 
         def commit() -> None:

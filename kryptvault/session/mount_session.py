@@ -66,13 +66,15 @@ class MountSession:
         self.watcher: TokenWatcher | None = None
         self.control: ControlServer | None = None
         self.operations: KryptvaultOperations | None = None
+        self.connection: int | None = None
         self._holds: list[int] = []  # pids of the backups holding reuse
         self._holds_lock = threading.Lock()
         self.lock = LockSequence(
             LockSteps(
                 refuse=self._refuse,
+                needs_commit=self._needs_commit,
                 commit=self._commit,
-                record_generation=self._record_generation,
+                record_generation=self._record_generation_at_lock,
                 take_mount_away=self._take_mount_away,
                 wipe=self._wipe,
                 audit=self._audit_lock,
@@ -188,7 +190,17 @@ class MountSession:
         self.operations = operations
 
     def _ready(self) -> None:
+        # Learn the FUSE connection number now, off the FUSE thread, so the lock need not.
+        threading.Thread(target=self._learn_connection, name="kryptvault-conn", daemon=True).start()
         self._report("ok")
+
+    def _learn_connection(self) -> None:
+        for _ in range(100):
+            conn = fusectl.connection_id(self.mountpoint, resolve=False)
+            if conn is not None:
+                self.connection = conn
+                return
+            time.sleep(0.02)
 
     def _wait_for_signals(self) -> None:
         sig = signal.sigwait(LOCK_SIGNALS)
@@ -298,12 +310,21 @@ class MountSession:
         if self.fs is not None:
             self.fs.seal()
 
+    def _needs_commit(self) -> bool:
+        return self.fs is not None and self.fs.has_unsaved_changes()
+
     def _commit(self) -> int:
         assert self.fs is not None
         return self.fs.commit_sealed()
 
+    def _record_generation_at_lock(self, generation: int) -> bool:
+        outcome = self.lock.outcome
+        if outcome is not None and outcome.reason == "unplug":
+            return False  # the token has just left; asking it costs time and cannot work
+        return self._record_generation(generation)
+
     def _take_mount_away(self) -> None:
-        conn = fusectl.connection_id(self.mountpoint)
+        conn = self.connection or fusectl.connection_id(self.mountpoint, resolve=False)
         if self.operations is not None:
             self.operations.invalidate_open_files()
         fusectl.detach(self.mountpoint)
@@ -311,10 +332,11 @@ class MountSession:
             fusectl.abort_connection(conn)
 
     def _wipe(self) -> None:
-        for closer in (self.watcher and self.watcher.stop, self.control and self.control.stop):
-            if closer:
-                with contextlib.suppress(Exception):
-                    closer()
+        # The watcher's threads end with the process; the socket goes now so that no
+        # client talks to a dying daemon.
+        if self.control is not None:
+            with contextlib.suppress(Exception):
+                self.control.abandon()
         if self.store is not None:
             with contextlib.suppress(Exception):
                 self.store.close()

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import select
 import threading
-import time
 from collections.abc import Callable, Collection, Mapping
 
 from kryptvault.token.base import Token
@@ -82,6 +80,7 @@ class TokenWatcher:
         self._fired: str | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._poll_thread: threading.Thread | None = None
         self._wake_lock = threading.Lock()
         self._wake_w = -1
 
@@ -108,6 +107,21 @@ class TokenWatcher:
             target=self._run, args=(wake_r, listener, mounts), name="kryptvault-watcher", daemon=True
         )
         self._thread.start()
+        if "poll" in self._routes:
+            # Its own thread: a presence check can take tens of ms on a loaded machine, and
+            # a uevent must never wait behind one.
+            self._poll_thread = threading.Thread(target=self._poll, name="kryptvault-poll", daemon=True)
+            self._poll_thread.start()
+
+    def _poll(self) -> None:
+        # The first check at once: the token may already be gone.
+        while self._fired is None:
+            try:
+                self._check("poll")
+            except Exception:
+                log.exception("the token poll hit an error; carrying on")
+            if self._stopping.wait(self.poll_interval):
+                return
 
     def trigger(self, route: str, details: Mapping[str, object] | None = None) -> bool:
         """Report the removal by `route`; True if this call was the one that fired."""
@@ -131,9 +145,9 @@ class TokenWatcher:
                     os.write(self._wake_w, b"x")
                 os.close(self._wake_w)  # if the write was lost, the hang-up still wakes poll()
                 self._wake_w = -1
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(STOP_TIMEOUT)
+        for thread in (self._thread, self._poll_thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(STOP_TIMEOUT)
 
     def __enter__(self) -> TokenWatcher:
         self.start()
@@ -172,15 +186,10 @@ class TokenWatcher:
             poller.register(listener.fileno(), select.POLLIN)
         if mounts is not None:
             poller.register(mounts, select.POLLPRI)
-        polling = "poll" in self._routes
-        next_poll = time.monotonic()  # the first check at once: the token may already be gone
         try:
             while not self._stopping.is_set():
                 try:
-                    timeout: float | None = None
-                    if polling and self._fired is None:
-                        timeout = max(0.0, next_poll - time.monotonic()) * 1000
-                    for fd, _mask in poller.poll(None if timeout is None else math.ceil(timeout)):
+                    for fd, _mask in poller.poll(None):
                         if self._stopping.is_set() or fd == wake_r:
                             break
                         if listener is not None and fd == listener.fileno():
@@ -188,9 +197,6 @@ class TokenWatcher:
                                 poller.unregister(fd)  # broken: the other routes carry on
                         elif fd == mounts:
                             self._check("mount")
-                    if polling and not self._stopping.is_set() and time.monotonic() >= next_poll:
-                        self._check("poll")
-                        next_poll = time.monotonic() + self.poll_interval
                 except Exception:
                     # Never let the thread die: a dead watcher would never lock the vault.
                     log.exception("the token watcher hit an error; carrying on")

@@ -395,7 +395,7 @@ def _one_cycle(guest: Any, rec: dict[str, Any], logs: list[dict[str, Any]], p: d
     t_req, act = guest.host_action_stamped("unplug", p["stick_id"])
     rec["t_req"] = t_req
     rc = reap(watcher, 60)
-    result = json.loads(watch_out.read_text()) if watch_out.exists() else {"error": "no output"}
+    result: dict[str, Any] = json.loads(watch_out.read_text()) if watch_out.exists() else {}
     rec["watch"] = result
     rec["watch_rc"] = rc
     writer_rc = reap(writer, 30)
@@ -412,7 +412,7 @@ def _one_cycle(guest: Any, rec: dict[str, Any], logs: list[dict[str, Any]], p: d
     if first is not None:
         rec["first_remove"], rec["first_remove_dev"] = first
     rec["block_remove"] = remove_stamp(p["uevents"], "block", t_req)
-    end = result.get("end")
+    end: int | None = result.get("end")
     if end is not None and first is not None:
         rec["a_ms"] = (end - first[0]) / 1e6
     if end is not None:
