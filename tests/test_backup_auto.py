@@ -63,7 +63,9 @@ def test_each_lock_starts_a_backup_to_reachable_destinations_and_skips_the_other
     status = run_process("status").stdout
     line = next(x for x in status.splitlines() if x.startswith(f"last backup of {vault.uuid} to {set_dir}:"))
     assert ": done at " in line and line.endswith("version 2")
-    other = next(x for x in status.splitlines() if x.startswith(f"last backup of {vault.uuid} to {unplugged}:"))
+    other = next(
+        x for x in status.splitlines() if x.startswith(f"last backup of {vault.uuid} to {unplugged}:")
+    )
     assert ": skipped at " in other
     # The newest version holds both files: mount the restored copy.
     assert run_process("mount", restored, mnt, *vault.pw(), "--accept-rollback").returncode == 0

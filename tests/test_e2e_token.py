@@ -125,11 +125,6 @@ def test_init_auto_picks_the_only_mounted_stick(kv: KvGuest) -> None:
     # TOKEN-1234 mounted, BACKUP-5678 plugged but not mounted (as left by the test above).
     container = f"{VAULTS}/auto2.kv"
     res = kv.cli("init", container, "--token", "auto", "--password-file", PASSWORD_FILE, *KDF)
-    if res.rc == 1 and "several sticks are plugged" in res.err:
-        pytest.xfail(
-            "kryptvault bug (see report): `--token auto` counts plugged-but-unmounted sticks: "
-            + res.error_lines[-1]
-        )
     assert res.rc == 0, res
     vault = kv.cli("info", container, "--json").json()["uuid"]
     assert exists(kv, share_file(TOK_MNT, vault))
@@ -260,11 +255,6 @@ def test_removed_token_no_longer_opens_and_recovery_key_opens_without_sticks(kv:
 def test_token_remove_deletes_the_share_file_of_a_plugged_removed_stick(kv: KvGuest) -> None:
     # `token remove --help`: "delete its keyslot (and its share file, if that stick is plugged)".
     assert "share_left_on_removed_stick" in state, "the test above did not get as far as `token remove`"
-    if state["share_left_on_removed_stick"]:
-        pytest.xfail(
-            "kryptvault bug (see report): `token remove` left the share file on the plugged removed "
-            "stick (it deletes it only when the removed stick is the one that proved access)"
-        )
     assert state["share_left_on_removed_stick"] is False
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import click
@@ -240,11 +241,22 @@ def token_remove(
     ) as unlocked:
         rewrite_header(unlocked, replace_slot(unlocked.header, index, None))
         revoked = TokenIdentity.decode(slot.token_identity)
-        if unlocked.token is not None and revoked.matches(unlocked.token.identity) and revoked.kind != "dir":
-            share_path(unlocked.token.share_dir, unlocked.vault_uuid).unlink(missing_ok=True)
+        _delete_share_if_plugged(revoked, unlocked.vault_uuid)
     click.echo(f"slot {index} ({revoked.describe()}) removed: that token no longer opens this container.")
     click.echo("Old copies of the container or its header (backups) still open with it and its password.")
     click.echo("If the token was stolen together with the password, move the files into a new vault.")
+
+
+def _delete_share_if_plugged(revoked: TokenIdentity, vault_uuid: uuid.UUID) -> None:
+    """The revoked token's share is useless now; remove it if that token is reachable.
+    A directory token has no identity to find it by, so its share file stays."""
+    if revoked.kind == "dir":
+        return
+    try:
+        token = resolve_token(None, vault_uuid=vault_uuid, identity=revoked)
+        share_path(token.share_dir, vault_uuid).unlink(missing_ok=True)
+    except (KryptvaultError, OSError):
+        return
 
 
 @token.command("udev")

@@ -121,6 +121,9 @@ def resolve_token(
         found = _prefer_share_holders(sticks(), vault_uuid)
         if not found:
             raise TokenError("no USB stick is plugged in")
+        mounted = [s for s in found if any(b.mountpoints for b in s.block_devices)]
+        if len(found) > 1 and len(mounted) == 1:
+            found = mounted  # an unmounted stick cannot hold a share: no real choice
         if len(found) > 1:
             raise TokenError(
                 f"several sticks are plugged: choose one with --token SERIAL ({_stick_list(found)})"
