@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kryptvault"
-BASE = {"errors"}
+BASE = {"errors", "durable"}
 ALLOWED: dict[str, set[str]] = {
     "crypto": BASE,
     "container": BASE | {"crypto"},

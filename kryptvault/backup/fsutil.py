@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from kryptvault.durable import fsync_dir as durable_fsync_dir
 from kryptvault.errors import KryptvaultError, UsageError
 
 TEST_DIE_ENV = "KRYPTVAULT_TEST_BACKUP_DIE_AFTER"
@@ -124,11 +125,7 @@ def fsync(fd: int, hook: StepHook) -> None:
 
 
 def fsync_dir(path: Path, hook: StepHook | None = None) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable_fsync_dir(path)
     if hook is not None:
         hook.tick()
 

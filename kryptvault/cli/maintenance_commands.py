@@ -38,6 +38,7 @@ from kryptvault.container.vault import (
     store_keys,
     write_header_copies,
 )
+from kryptvault.durable import fsync_dir
 from kryptvault.errors import KryptvaultError
 from kryptvault.fs.compact import CompactStats, copy_header
 from kryptvault.fs.compact import compact as compact_container
@@ -63,14 +64,6 @@ def open_locked(container: Path, writable: bool) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -115,7 +108,7 @@ def _replacement(container: Path, fd: int, what: str) -> Iterator[tuple[int, Cal
             os.fsync(tfd)
             os.replace(tmp, container)
             swapped = True
-        _fsync_dir(parent)
+        fsync_dir(parent)
 
     try:
         yield tfd, swap

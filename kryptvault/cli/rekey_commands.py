@@ -53,18 +53,11 @@ from kryptvault.container.keyslots import (
 from kryptvault.container.store import ObjectStore
 from kryptvault.container.vault import header_lock, store_keys, write_header_copies
 from kryptvault.crypto.secret import Secret, harden_process
+from kryptvault.durable import fsync_dir
 from kryptvault.errors import IntegrityError, KryptvaultError
 from kryptvault.fs.compact import HEADER_BYTES, CompactStats
 from kryptvault.fs.compact import compact as copy_container
 from kryptvault.session.unlock import Unlocked, unlock_container
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -207,7 +200,7 @@ def _rekey(
                                 "nothing was replaced, run it again"
                             )
                         os.replace(tmp, container)
-                    _fsync_dir(parent)
+                    fsync_dir(parent)
             finally:
                 new_keys.wipe()
     finally:

@@ -26,6 +26,7 @@ from kryptvault.container.header import (
 from kryptvault.container.keyslots import authenticate_header, sign_header, subkey
 from kryptvault.container.layout import DATA_AREA_OFFSET, HEADER_COPY_SIZE, HEADER_OFFSETS, Layout
 from kryptvault.crypto.secret import Secret
+from kryptvault.durable import fsync_dir
 from kryptvault.errors import KryptvaultError, UsageError
 
 
@@ -41,14 +42,6 @@ class StoreKeys:
 
 def store_keys(master: Secret, vault_uuid: uuid.UUID) -> StoreKeys:
     return StoreKeys(subkey(master, b"data", vault_uuid), subkey(master, b"meta", vault_uuid))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _describe_os_error(action: str, path: Path, exc: OSError) -> KryptvaultError:
@@ -156,7 +149,7 @@ def create_container(
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
-        _fsync_dir(parent)
+        fsync_dir(parent)
         return header
     except OSError as exc:
         raise _describe_os_error("write", path, exc)

@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kryptvault.durable import fsync_dir
 from kryptvault.errors import TokenError
 
 MAGIC = b"KVSHARE1"
@@ -151,14 +152,6 @@ def _write_all(fd: int, data: bytearray) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_share_file(share_dir: Path, share: Share) -> None:
     """Atomically create or replace the share file: temp file, fsync, rename, fsync dir.
 
@@ -185,7 +178,7 @@ def write_share_file(share_dir: Path, share: Share) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(share_dir)
+        fsync_dir(share_dir)
     except OSError as exc:
         if created:
             # If the device is gone or read-only, there is nothing more we can do.
@@ -230,7 +223,7 @@ def create_share_dir(mount_root: Path) -> Path:
     try:
         os.mkdir(share_dir, 0o700)
         # The new directory's entry must reach the stick before a share file is put in it.
-        _fsync_dir(mount_root)
+        fsync_dir(mount_root)
     except FileExistsError:
         if not share_dir.is_dir() or share_dir.is_symlink():
             raise TokenError(f"{share_dir} exists on the token but is not a directory")
