@@ -85,3 +85,67 @@ def test_backup_auto_without_destinations_says_where_to_configure_them(
     result = run_process("backup", "auto", vault.container)
     assert result.returncode == 2
     assert "no backup destinations are configured" in result.stderr
+
+
+@pytest.mark.root
+def test_pulling_the_token_out_leaves_a_verified_restorable_backup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole promise: set a destination once, pull the token, find a backup."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a loop-device token")
+    from kryptvault.cli.demo_commands import LoopStick
+
+    config_home = tmp_path / "config"
+    (config_home / "kryptvault").mkdir(parents=True)
+    disk = tmp_path / "backup-disk"
+    disk.mkdir()
+    (config_home / "kryptvault" / "config.toml").write_text(f'[backup]\ndestinations = ["{disk}"]\n')
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(config_home))
+    stick = LoopStick(tmp_path / "stick.img", tmp_path / "stick")
+    stick.create()
+    stick.plug()
+    try:
+        token = f"fs:{stick.fs_uuid()}"
+        pw = tmp_path / "pw"
+        pw.write_text("a long test password\n")
+        init = run_process(
+            "init",
+            tmp_path / "v.kv",
+            "--token",
+            token,
+            "--password-file",
+            pw,
+            "--kdf-time-ms",
+            "30",
+            "--kdf-memory-mib",
+            "8",
+        )
+        assert init.returncode == 0, init.stderr
+        vault_uuid = init.stdout.split()[2]
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        assert (
+            run_process("mount", tmp_path / "v.kv", mnt, "--token", token, "--password-file", pw).returncode
+            == 0
+        )
+        (mnt / "work.txt").write_text("saved before the unplug\n")
+        with open(mnt / "work.txt", "rb") as f:
+            os.fsync(f.fileno())
+        stick.unplug()
+        done = _wait_for(vault_uuid, "backup_done", 1)
+        locks = [e for e in _events(vault_uuid) if e["event"] == "lock"]
+        assert locks[-1]["reason"] == "unplug"
+        set_dir = disk / vault_uuid
+        assert done[-1]["version"] == 1
+        assert run_process("verify", set_dir).returncode == 0
+        restored = tmp_path / "restored.kv"
+        assert run_process("restore", set_dir, restored).returncode == 0
+        stick.plug()
+        assert run_process("mount", restored, mnt, "--token", token, "--password-file", pw).returncode == 0
+        try:
+            assert (mnt / "work.txt").read_text() == "saved before the unplug\n"
+        finally:
+            run_process("lock", mnt)
+    finally:
+        stick.unplug()
