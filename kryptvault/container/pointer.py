@@ -86,7 +86,7 @@ def block_aad(
 _ZERO_UNITS: dict[int, bytes] = {}
 
 
-def stored_units(buf: bytearray | bytes, unit_size: int) -> int:
+def stored_units(buf: bytearray | bytes | memoryview, unit_size: int) -> int:
     """Units left after stripping trailing all-zero units (0 = the block is all zeros)."""
     n = len(buf)
     if n and buf[-1]:

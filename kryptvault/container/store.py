@@ -9,22 +9,26 @@ docs/FORMAT.md §4 documents every byte; in short:
   changed blocks bottom-up, syncs, then writes the alternate commit slot and syncs again;
 * free space is not stored: open() walks the metadata of every tree and rebuilds it.
 
-Thread safety: every public method holds one RLock.
+Thread safety: every public method holds one RLock. Sealed blocks are written to their
+(fresh, unreferenced) units by one I/O thread (`_Writer`), in order; everything that reads
+such units back, and every commit, waits for those writes first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import threading
 import time
 import uuid
 from array import array
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from kryptvault.container import pointer as fmt
-from kryptvault.container.alloc import UnitMap
+from kryptvault.container.alloc import FRESH, UnitMap
 from kryptvault.container.commit import CommitRecord, read_latest_commit, seal_commit
 from kryptvault.container.groups import (
     GroupGeometry,
@@ -55,10 +59,14 @@ DEFAULT_DIRTY_LIMIT = 64 * 1024 * 1024
 DEFAULT_CACHE_LIMIT = 32 * 1024 * 1024
 MAX_STREAM_SIZE = 2**63 - 1
 CRASH_ENV = "KRYPTVAULT_TEST_CRASH_AFTER_WRITES"
-_WRITE_BATCH_BYTES = 4 * 1024 * 1024
+_WRITE_BATCH_BYTES = 4 * 1024 * 1024  # one pwrite per run of up to this much ciphertext
+_STAGE_BUFFERS = 2  # staging buffers of that size: one being filled, one in flight
+_WRITER_IDLE_S = 2.0  # the writer's I/O thread ends after this long without work
 _POOL_MAX = 64  # spare full-size block buffers kept to avoid page-fault churn
 _WRITE_BATCH_IOVECS = 512
 _KEEP_CLEAN_STREAMS = 4096
+_DIRECT_BUDGET_MARGIN = 1 << 20
+_DIRECT_MIN_BYTES = 512 * 1024  # writes this large seal their whole blocks at once
 
 
 class BlockIntegrityError(IntegrityError):
@@ -118,22 +126,54 @@ class _Stream:
         self.meta_dirty = False  # size/depth/root differ from the table entry
 
 
-class _Writer:
-    """Collects sealed blocks bound for consecutive units and writes each run with one
-    pwrite. With `Aead.seal_into` the ciphertext goes straight into a reusable staging
-    buffer (no allocation per block); otherwise sealed buffers are gathered for pwritev."""
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range (Linux), called without the GIL; None where unavailable."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
 
-    __slots__ = ("_bufs", "_bytes", "_next", "_seal", "_seal_into", "_stage", "_start", "_store")
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait
+
+
+class _Writer:
+    """Collects sealed blocks bound for consecutive units into a staging buffer and hands
+    each full run to an I/O thread: one pwrite per run, then writeback of the run is
+    started (sync_file_range), so encryption and the caller's next requests overlap the
+    copy into the page cache and the disk. Runs are written one at a time in the order
+    they were handed over. `wait()` returns once every run is written and raises the
+    first write error. Only called under the store lock; the I/O thread takes only the
+    writer's own condition (and calls `store._pwrite`)."""
+
+    __slots__ = (
+        "_bufs", "_bytes", "_cond", "_error", "_free", "_nbuf", "_next", "_pending", "_queue",
+        "_stage", "_start", "_store", "_thread",
+    )
 
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
-        self._seal = store._data.seal
-        self._seal_into = store._seal_into
-        self._stage = store._staging() if self._seal_into is not None else None
-        self._bufs: list[memoryview] = []
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[tuple[list[memoryview], int, memoryview | None] | None] = deque()
+        self._free: list[memoryview] = []
+        self._nbuf = 0
+        self._pending = 0  # runs handed over and not yet written
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._stage: memoryview | None = None
+        self._bufs: list[memoryview] = []  # without Aead.seal_into: sealed buffers, gathered
         self._start = -1
         self._next = -1
         self._bytes = 0
+
+    @property
+    def busy(self) -> bool:
+        """True if some sealed block may not have reached the file yet."""
+        return bool(self._bytes or self._pending)
 
     def seal(self, unit: int, units: int, nonce: bytes, plain: memoryview, aad: bytes) -> bytes:
         """Encrypt `plain` for `unit`, queue the ciphertext, return the tag."""
@@ -143,30 +183,119 @@ class _Writer:
             or self._bytes + length > _WRITE_BATCH_BYTES
             or len(self._bufs) >= _WRITE_BATCH_IOVECS
         ):
-            self.flush()
+            self.submit()
         if not self._bytes:
             self._start = unit
-        if self._stage is not None and self._seal_into is not None:
-            out = self._stage[self._bytes : self._bytes + length + 16]
-            self._seal_into(nonce, plain, aad, out)
+        seal_into = self._store._seal_into
+        if seal_into is not None:
+            stage = self._stage
+            if stage is None:
+                stage = self._stage = self._take_stage()
+            out = stage[self._bytes : self._bytes + length + 16]
+            seal_into(nonce, plain, aad, out)
             tag = bytes(out[length:])
         else:
-            sealed = self._seal(nonce, plain, aad)
+            sealed = self._store._data.seal(nonce, plain, aad)
             tag = sealed[length:]
             self._bufs.append(memoryview(sealed)[:length])
         self._bytes += length
         self._next = unit + units
         return tag
 
-    def flush(self) -> None:
-        if self._bytes:
-            offset = self._store.layout.unit_offset(self._start)
-            if self._stage is not None:
-                self._store._pwrite([self._stage[: self._bytes]], offset)
-            else:
-                self._store._pwrite(self._bufs, offset)
-                self._bufs = []
-            self._bytes = 0
+    def _take_stage(self) -> memoryview:
+        with self._cond:
+            while not self._free and self._nbuf >= _STAGE_BUFFERS:
+                self._cond.wait()  # all in flight: the I/O thread returns one
+            if self._free:
+                return self._free.pop()
+            self._nbuf += 1
+        return memoryview(bytearray(_WRITE_BATCH_BYTES + 16))
+
+    def submit(self) -> None:
+        """Hand the run collected so far to the I/O thread."""
+        if not self._bytes:
+            return
+        offset = self._store.layout.unit_offset(self._start)
+        stage = self._stage
+        item: tuple[list[memoryview], int, memoryview | None]
+        if stage is not None:
+            item = ([stage[: self._bytes]], offset, stage)
+            self._stage = None
+        else:
+            item = (self._bufs, offset, None)
+            self._bufs = []
+        self._bytes = 0
+        with self._cond:
+            self._queue.append(item)
+            self._pending += 1
+            self._cond.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kv-store-writer", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        store, cond, queue = self._store, self._cond, self._queue
+        while True:
+            with cond:
+                while not queue:
+                    # Idle: end the thread (it holds the store), `submit` starts another.
+                    if not cond.wait(_WRITER_IDLE_S) and not queue:
+                        self._thread = None
+                        return
+                item = queue.popleft()
+            if item is None:
+                return
+            bufs, offset, stage = item
+            try:
+                if self._error is None:
+                    store._pwrite(bufs, offset)
+                    if _SYNC_FILE_RANGE is not None:
+                        _SYNC_FILE_RANGE(store._fd, offset, sum(len(b) for b in bufs),
+                                         _SYNC_FILE_RANGE_WRITE)
+            except BaseException as exc:  # reported by wait()
+                self._error = exc
+            finally:
+                for b in bufs:
+                    b.release()
+                with cond:
+                    if stage is not None:
+                        self._free.append(stage)
+                    self._pending -= 1
+                    cond.notify_all()
+
+    def wait(self) -> None:
+        """Write everything sealed so far; raise the first error of any earlier write."""
+        self.submit()
+        if self._pending:
+            with self._cond:
+                while self._pending:
+                    self._cond.wait()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Wait for the I/O thread (errors are dropped: the store is closing) and end it;
+        free the staging buffers."""
+        with contextlib.suppress(BaseException):
+            self.wait()
+        with self._cond:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._queue.append(None)
+                self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self.release_buffers()
+
+    def release_buffers(self) -> None:
+        """Drop the spare staging buffers (none is in flight after `wait()`)."""
+        with self._cond:
+            self._nbuf -= len(self._free)
+            self._free.clear()
+        if self._stage is not None and not self._bytes:
+            self._stage = None
+            with self._cond:
+                self._nbuf -= 1
 
 
 class ObjectStore:
@@ -213,10 +342,13 @@ class ObjectStore:
         self._cache_bytes = 0
         self._pool: list[bytearray] = []
         self._pool_max = max(_POOL_MAX, dirty_limit // bs)
-        self._stage: memoryview | None = None
         self._scratch = bytearray(bs + 16)
         # Optional zero-copy AEAD entry point (Aead.seal_into) when available.
         self._seal_into = getattr(self._data, "seal_into", None)
+        self._aw = _Writer(self)
+        # Seal whole-block writes at once (see _write_into). Off: every block stays dirty
+        # until the flush, which allocates each stream's blocks together (compaction).
+        self.seal_whole_blocks = True
         self._streams: dict[tuple[int, int], _Stream] = {}
         self._dirty_streams: dict[tuple[int, int], _Stream] = {}
         self._dirty_bytes = 0
@@ -415,10 +547,13 @@ class ObjectStore:
             unit = self._units.alloc(units)
         return unit
 
-    def _staging(self) -> memoryview:
-        if self._stage is None:
-            self._stage = memoryview(bytearray(_WRITE_BATCH_BYTES + 16))
-        return self._stage
+    def _drain(self) -> None:
+        """Wait until every sealed block is in the file; a failed write fails the store."""
+        try:
+            self._aw.wait()
+        except BaseException as exc:
+            self._fail(exc)
+            raise
 
     def _take_buffer(self) -> bytearray:
         """A full-size block buffer with arbitrary content (recycled if possible).
@@ -452,6 +587,8 @@ class ObjectStore:
         if problem is not None:
             raise BlockIntegrityError(oid, stream, level, index, problem)
         unit, units, _flags, nonce, tag = fmt.unpack_pointer(ptr)
+        if self._aw.busy and self._units.map[unit] == FRESH:
+            self._drain()  # sealed in this transaction: its write may still be queued
         length = units * self._us
         sealed = memoryview(self._scratch)[: length + 16]
         got = os.preadv(self._fd, [sealed[:length]], self.layout.unit_offset(unit))
@@ -576,10 +713,22 @@ class ObjectStore:
         if (end - 1) // bs >= self._cap[s.depth]:
             self._grow_depth(s, (end - 1) // bs)
         dirty = s.dirty
+        # Large (streaming) writes: whole data blocks are sealed straight from the caller's
+        # buffer (no copy, and the write overlaps the next requests) unless the nonce
+        # budget is nearly used up: then they stay dirty and the flush refuses cleanly.
+        # Smaller writes are buffered as dirty blocks (likely rewritten before the flush).
+        direct = (
+            n >= _DIRECT_MIN_BYTES and self.seal_whole_blocks and s is not self._table
+            and self._enc_count + n // bs + _DIRECT_BUDGET_MARGIN < NONCE_BUDGET
+        )
         pos = 0
         while pos < n:
             idx, boff = divmod(offset + pos, bs)
             take = min(bs - boff, n - pos)
+            if direct and take == bs:
+                self._seal_direct(s, idx, mv[pos : pos + bs])
+                pos += take
+                continue
             buf = dirty.get((0, idx))
             if buf is None:
                 if take == bs:
@@ -597,6 +746,34 @@ class ObjectStore:
         if s is not self._table:
             self._dirty_streams[(s.oid, s.stream)] = s
         self._txn_dirty = True
+
+    def _seal_direct(self, s: _Stream, idx: int, plain: memoryview) -> None:
+        """Seal a whole new version of data block `idx` now (copy-on-write into fresh units,
+        queued on the writer) and point its parent at it; a dirty copy is dropped."""
+        bs = self._bs
+        old_dirty = s.dirty.pop((0, idx), None)
+        if old_dirty is not None:
+            self._dirty_bytes -= bs
+            if len(self._pool) < self._pool_max:
+                self._pool.append(old_dirty)
+        parent = None
+        if s.depth:  # idx < cap[depth]: _write_into grew the tree
+            parent = self._block_for_write(s, 1, idx // self._fanout)
+        try:
+            new = self._seal(s, 0, idx, plain, self._aw)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        if parent is None:
+            old, s.root = s.root, new
+            s.meta_dirty = True
+        else:
+            off = (idx % self._fanout) * PTR
+            old = bytes(parent[off : off + PTR])
+            parent[off : off + PTR] = new
+        if old != HOLE:
+            self._cache_pop(old)
+            self._units.free(*fmt.POINTER.unpack_from(old)[:2])
 
     def _read_from(self, s: _Stream, offset: int, size: int) -> bytes:
         if offset >= s.size or size <= 0:
@@ -719,7 +896,9 @@ class ObjectStore:
                 self._free_subtree(s, level - 1, child, cptr)
 
     # ------------------------------------------------------------------ flushing
-    def _seal(self, s: _Stream, level: int, index: int, buf: bytearray, w: _Writer) -> bytes:
+    def _seal(
+        self, s: _Stream, level: int, index: int, buf: bytearray | memoryview, w: _Writer
+    ) -> bytes:
         """Encrypt one dirty block into fresh units (queued on `w`); return its pointer."""
         us = self._us
         units = fmt.stored_units(buf, us)
@@ -745,7 +924,7 @@ class ObjectStore:
     def _flush_stream(self, s: _Stream) -> None:
         if s.dirty:
             f, bs = self._fanout, self._bs
-            w = _Writer(self)
+            w = self._aw
             for key in sorted(s.dirty):
                 level, index = key
                 buf = s.dirty.pop(key)
@@ -764,7 +943,7 @@ class ObjectStore:
                     self._cache_put(new, buf)  # metadata stays cached
                 elif len(self._pool) < self._pool_max:
                     self._pool.append(buf)  # written data: recycle the buffer
-            w.flush()
+            w.submit()
             s.meta_dirty = True
         if s.meta_dirty and s is not self._table:
             self._write_into(
@@ -932,8 +1111,8 @@ class ObjectStore:
     def write(self, oid: int, stream: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write `data` at `offset`, extending the stream (a gap reads as zeros)."""
         mv = memoryview(data)
-        if mv.ndim != 1 or mv.itemsize != 1:
-            mv = mv.cast("B")
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")  # e.g. ctypes buffers ("<B"), which cannot be indexed
         if offset < 0 or offset + len(mv) > MAX_STREAM_SIZE:
             raise ValueError("offset out of range")
         with self._lock:
@@ -962,6 +1141,7 @@ class ObjectStore:
         with self._lock:
             self._check_writable()
             self._flush_all()
+            self._drain()
 
     def commit(self) -> int:
         """Make every change so far durable and atomic; return the new generation.
@@ -976,6 +1156,7 @@ class ObjectStore:
                 raise NonceBudgetExhausted("the meta key has sealed 2**32 commit records; rekey the vault")
             self._flush_all()
             try:
+                self._aw.wait()
                 self._write_descriptors(gen)
                 self._sync()
                 next_oid = self._inuse.find(0, 1)
@@ -1138,12 +1319,14 @@ class ObjectStore:
             self._cache.clear()
             self._cache_bytes = 0
             self._pool.clear()
-            self._stage = None
+            if not self._aw.busy:
+                self._aw.release_buffers()
 
     def close(self) -> None:
         """Drop caches and uncommitted changes (no implicit commit). The fd stays open:
         the caller owns it."""
         with self._lock:
+            self._aw.stop()  # the caller may close the fd next: no write may be in flight
             self._closed = True
             self._cache.clear()
             self._cache_bytes = 0
@@ -1154,7 +1337,6 @@ class ObjectStore:
             self._flushed_bytes = 0
             self._txn_dirty = False
             self._pool.clear()
-            self._stage = None
 
     def __enter__(self) -> ObjectStore:
         return self

@@ -294,10 +294,16 @@ def copy_objects(
     done = 0
 
     def run(objs: list[int]) -> None:
-        for o in reversed(objs):
-            for stream in (AUX, DATA):
-                _copy_stream(source, dest, o, stream, salvage, result)
-        dest.flush()
+        # Whole blocks would otherwise be sealed as they are written, before the partial
+        # tail blocks and indirect blocks that the flush allocates.
+        dest.seal_whole_blocks = False
+        try:
+            for o in reversed(objs):
+                for stream in (AUX, DATA):
+                    _copy_stream(source, dest, o, stream, salvage, result)
+            dest.flush()
+        finally:
+            dest.seal_whole_blocks = True
 
     for oid in order:
         batch.append(oid)
