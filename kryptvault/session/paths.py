@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -28,7 +29,9 @@ def config_dir() -> Path:
 
 
 def _ensure_private(path: Path) -> None:
-    info = path.stat()
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise PermissionError(f"{path} is not a plain directory")
     if info.st_uid != os.getuid():
         raise PermissionError(f"{path} belongs to another user")
     if info.st_mode & 0o077:
