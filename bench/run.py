@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark a mounted vault against a plain directory and gocryptfs on the same disk.
 
-    .venv/bin/python bench/run.py [--targets vault,plain,gocryptfs] [--repeat 1]
+    .venv/bin/python bench/run.py [--targets vault,plain,gocryptfs,ceiling] [--repeat 1]
                                   [--writeback] [--no-keep-cache] [--quick]
 
 Needs root for `echo 3 > /proc/sys/vm/drop_caches` (cold reads; skipped otherwise).
@@ -72,6 +72,29 @@ class Bench:
         self.tarball = tarball
         self.tar_entries = tar_entries
 
+    def random_io(self, path: Path) -> dict[str, float]:
+        """4 KiB preads, then 4 KiB pwrites + one fsync, at the same random aligned offsets
+        of the 64 MiB file `path` (cold cache for the reads where caches can be dropped)."""
+        r: dict[str, float] = {}
+        rng = random.Random(1)
+        offsets = [rng.randrange(0, 64 * MiB // 4096) * 4096 for _ in range(self.rand_ops)]
+        drop_caches()
+        fd = os.open(path, os.O_RDONLY)
+        t = time.perf_counter()
+        for off in offsets:
+            os.pread(fd, 4096, off)
+        r["rand 4K read ops/s"] = self.rand_ops / (time.perf_counter() - t)
+        os.close(fd)
+        page = os.urandom(4096)
+        fd = os.open(path, os.O_WRONLY)
+        t = time.perf_counter()
+        for off in offsets:
+            os.pwrite(fd, page, off)
+        os.fsync(fd)
+        r["rand 4K write ops/s"] = self.rand_ops / (time.perf_counter() - t)
+        os.close(fd)
+        return r
+
     def run(self) -> dict[str, float]:
         r: dict[str, float] = {}
         mp = self.mp
@@ -106,23 +129,7 @@ class Bench:
                 f.write(os.urandom(MiB))
             f.flush()
             os.fsync(f.fileno())
-        rng = random.Random(1)
-        offsets = [rng.randrange(0, 64 * MiB // 4096) * 4096 for _ in range(self.rand_ops)]
-        drop_caches()
-        fd = os.open(rnd, os.O_RDONLY)
-        t = time.perf_counter()
-        for off in offsets:
-            os.pread(fd, 4096, off)
-        r["rand 4K read ops/s"] = self.rand_ops / (time.perf_counter() - t)
-        os.close(fd)
-        page = os.urandom(4096)
-        fd = os.open(rnd, os.O_WRONLY)
-        t = time.perf_counter()
-        for off in offsets:
-            os.pwrite(fd, page, off)
-        os.fsync(fd)
-        r["rand 4K write ops/s"] = self.rand_ops / (time.perf_counter() - t)
-        os.close(fd)
+        r.update(self.random_io(rnd))
         os.unlink(rnd)
 
         # small files
@@ -216,6 +223,24 @@ def run_plain(work: Path, bench: Bench) -> dict[str, float]:
         shutil.rmtree(d)
 
 
+def run_ceiling(work: Path, bench: Bench) -> dict[str, float]:
+    """Random 4 KiB I/O through a no-op filesystem on kryptvault's FUSE adapter
+    (bench/nullfs.py): the most any Python daemon on mfusepy can do here."""
+    mnt = work / "ceiling.mnt"
+    mnt.mkdir(exist_ok=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "nullfs.py"), str(mnt)])
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the no-op filesystem did not mount")
+            time.sleep(0.05)
+        return bench.random_io(mnt / "data.bin")
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        proc.wait(timeout=20)
+
+
 def run_gocryptfs(work: Path, bench: Bench) -> dict[str, float]:
     cipher, mnt = work / "gc.cipher", work / "gc.mnt"
     cipher.mkdir()
@@ -235,7 +260,11 @@ def run_gocryptfs(work: Path, bench: Bench) -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--targets", default="vault,plain,gocryptfs")
+    ap.add_argument(
+        "--targets",
+        default="vault,plain,gocryptfs,ceiling",
+        help="ceiling = random 4 KiB I/O through a no-op filesystem on the same FUSE adapter",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs per target; medians reported")
     ap.add_argument("--writeback", action="store_true", help="mount the vault with writeback cache")
     ap.add_argument("--no-keep-cache", action="store_true")
@@ -279,12 +308,15 @@ def main() -> int:
                     rss.append(peak)
                 elif t == "plain":
                     res = run_plain(work, bench)
+                elif t == "ceiling":
+                    res = run_ceiling(work, bench)
                 else:
                     res = run_gocryptfs(work, bench)
                 results[t].append(res)
         med = {
             t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in results.items()
         }
+        # The ceiling only has the random I/O figures; its other cells print as nan.
         print(f"\ntree for tar: {entries} entries; vault options {opts}; repeat {args.repeat}")
         head = f"{'metric':24}" + "".join(f"{t:>12}" for t in targets)
         if "vault" in med and "gocryptfs" in med:
@@ -301,6 +333,14 @@ def main() -> int:
             print(row)
         if rss:
             print(f"vault daemon peak RSS: {max(rss) / MiB:.0f} MiB (target < 150 MiB)")
+        if "ceiling" in med and "gocryptfs" in med:
+            for metric in ("rand 4K read ops/s", "rand 4K write ops/s"):
+                ceiling, peer = med["ceiling"][metric], med["gocryptfs"][metric]
+                goal = TARGETS[metric][1] or 0.0
+                print(
+                    f"ceiling {metric}: a no-op fs on the same adapter does {ceiling:.0f} = "
+                    f"{ceiling / peer:.2f}x gocryptfs; the {goal:.2f}x target needs {goal * peer:.0f}"
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -21,6 +21,7 @@ from kryptvault.session.audit import (
     AuditLog,
     Backoff,
     follow_entries,
+    make_entry,
     nominal_delay,
     read_entries,
 )
@@ -30,6 +31,19 @@ OTHER = uuid.UUID("00000000-0000-4000-8000-000000000001")
 
 
 # ---------------------------------------------------------------------- writing
+
+
+def test_entries_made_earlier_keep_their_own_time_and_order_when_written_together(tmp_path: Path) -> None:
+    # The lock writes "token_removed" (stamped when the watcher saw it) and "lock" at once.
+    removed = make_entry("token_removed", VAULT, {"route": "uevent"})
+    time.sleep(0.01)
+    lock = make_entry("lock", VAULT, {"reason": "unplug"})
+    log = AuditLog(tmp_path / "audit.jsonl")
+    assert log.append_entries([removed, lock])
+    lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [x["event"] for x in lines] == ["token_removed", "lock"]
+    assert lines[0]["ts"] == removed["ts"] < lines[1]["ts"] == lock["ts"]
+
 
 
 def test_entry_is_one_json_line_with_utc_millisecond_time_event_and_vault(tmp_path: Path) -> None:

@@ -18,5 +18,10 @@ def test_demo_mounts_locks_on_unplug_shows_the_audit_log_and_remounts() -> None:
     unplug = re.search(r"the folder was unmounted (\d+) ms after the unplug", out)
     assert unplug, out
     assert re.search(r"lock vault=\S+ reason=unplug", out)
+    # The removal is written by the lock's own audit step, with the time it was seen.
+    removed = re.search(r"^  (\S+ \S+) token_removed vault=\S+ route=\w+$", out, re.M)
+    locked = re.search(r"^  (\S+ \S+) lock vault=\S+ reason=unplug", out, re.M)
+    assert removed and locked and removed.start() < locked.start(), out
+    assert removed.group(1) <= locked.group(1), out
     assert "hello.txt: 'the vault works'" in out
     assert "Traceback" not in out

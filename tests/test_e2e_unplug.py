@@ -60,6 +60,7 @@ GUARANTEED_MAX_MS = 1500.0
 DETECTOR_POLL_MS = int(os.environ.get("KRYPTVAULT_E2E_DETECTOR_POLL_MS", "50"))
 TRACE = os.environ.get("KRYPTVAULT_E2E_TRACE") == "1"
 LOCKED_LINE = re.compile(r"^(\S+ \S+) kryptvault\.session INFO locked \((\w+) via (\S+)\) in (\d+) ms$")
+STEPS_LINE = re.compile(r"^\S+ \S+ kryptvault\.session INFO lock steps \(ms\): (.*)$")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,11 @@ def run(kv: KvGuest) -> dict[str, Any]:
     ]
     daemon_log = kv.sh(f"cat {GUEST_STATE}/kryptvault/daemon-{vault}.log").check().out
     result["locked_lines"] = [m.groups() for m in map(LOCKED_LINE.match, daemon_log.splitlines()) if m]
+    result["step_lines"] = [
+        {name: float(ms) for name, ms in (pair.split("=") for pair in m.group(1).split())}
+        for m in map(STEPS_LINE.match, daemon_log.splitlines())
+        if m
+    ]
     result["summary"] = summarize(result)
     out = kv.rig.workdir / "unplug-latency.json"
     out.write_text(json.dumps(result["summary"], indent=2) + "\n")
@@ -152,6 +158,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             )
         if i < len(result["locked_lines"]):
             row["daemon_locked_in_ms"] = int(result["locked_lines"][i][3])
+        if i < len(result["step_lines"]):
+            row["lock_step_ms"] = result["step_lines"][i]
         if "trace" in rec:
             row["cpu_ms"] = rec["trace"]["cpu_ms"]
             row["process_exit_ms"] = rec["trace"].get("exit_ms")
@@ -182,6 +190,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
                 "process_exit_ms",
             )
         },
+        "lock_steps_ms": {
+            step: stats_of([c["lock_step_ms"][step] for c in cycles if step in c.get("lock_step_ms", {})])
+            for step in sorted({s for c in cycles for s in c.get("lock_step_ms", {})})
+        },
         "cpu_in_window_ms": {
             role: stats_of([c["cpu_ms"].get(role, 0.0) for c in cycles if "cpu_ms" in c])
             for role in sorted({r for c in cycles for r in c.get("cpu_ms", {})})
@@ -207,6 +219,9 @@ def render(summary: dict[str, Any]) -> str:
         "  breakdown (p50/p90/p99/max):",
     ]
     lines += [f"    {k}: {fmt(v)}" for k, v in summary["breakdown_ms"].items() if v]
+    if summary["lock_steps_ms"]:
+        lines.append("  lock steps inside the daemon (p50/p90/p99/max):")
+        lines += [f"    {k}: {fmt(v)}" for k, v in summary["lock_steps_ms"].items()]
     if summary["cpu_in_window_ms"]:
         lines.append("  CPU inside window (a), by task (p50/p90/p99/max):")
         lines += [f"    {k}: {fmt(v)}" for k, v in summary["cpu_in_window_ms"].items()]

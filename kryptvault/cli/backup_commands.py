@@ -17,13 +17,7 @@ from kryptvault.backup.restore import reading_set, run_restore
 from kryptvault.backup.setdir import describe_versions
 from kryptvault.backup.verify import verify_blocks, verify_set
 from kryptvault.cli.app import cli
-from kryptvault.cli.options import (
-    container_argument,
-    password_source,
-    recovery_asker,
-    unlock_options,
-)
-from kryptvault.cli.secrets_input import read_secret
+from kryptvault.cli.options import UnlockArgs, container_argument, unlock_options
 from kryptvault.cli.units import human_size
 from kryptvault.container.vault import read_container_header
 from kryptvault.crypto.secret import harden_process
@@ -329,11 +323,7 @@ def verify(
     backup: Path,
     version_text: str | None,
     full: bool,
-    token_spec: str | None,
-    password_fd: int | None,
-    password_file: Path | None,
-    recovery: bool,
-    recovery_key_file: Path | None,
+    unlock: UnlockArgs,
     as_json: bool,
 ) -> None:
     """Check a backup: every manifest, current.kv and every increment against their
@@ -347,13 +337,12 @@ def verify(
     block_result: tuple[int, int, list[str]] | None = None
     if full:
         harden_process()
-        source = password_source(password_fd, password_file)
         block_result = verify_blocks(
             backup,
             version,
-            token_spec=token_spec,
-            ask_password=lambda: read_secret(source, "Password: "),
-            ask_recovery_key=recovery_asker(recovery, recovery_key_file),
+            token_spec=unlock.token_spec,
+            ask_password=unlock.password_asker(),
+            ask_recovery_key=unlock.recovery_asker(),
         )
         report.blocks[block_result[0]] = block_result[2]
     if as_json:

@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from kryptvault.cli.app import cli
-from kryptvault.cli.options import container_argument, unlock_options
+from kryptvault.cli.options import UnlockArgs, container_argument, unlock_options
 from kryptvault.cli.units import human_size
 from kryptvault.cli.vault_commands import unlock_for_change
 from kryptvault.container.header import read_header
@@ -67,17 +67,8 @@ def open_locked(container: Path, writable: bool) -> int:
 
 
 @contextlib.contextmanager
-def _unlocked_keys(
-    container: Path,
-    token_spec: str | None,
-    password_fd: int | None,
-    password_file: Path | None,
-    recovery: bool,
-    recovery_key_file: Path | None,
-) -> Iterator[tuple[Unlocked, StoreKeys]]:
-    with unlock_for_change(
-        container, token_spec, password_fd, password_file, recovery, recovery_key_file
-    ) as unlocked:
+def _unlocked_keys(container: Path, unlock: UnlockArgs) -> Iterator[tuple[Unlocked, StoreKeys]]:
+    with unlock_for_change(container, unlock) as unlocked:
         keys = store_keys(unlocked.master, unlocked.vault_uuid)
         try:
             yield unlocked, keys
@@ -242,11 +233,7 @@ def _run_fsck(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def fsck(
     container: Path,
-    token_spec: str | None,
-    password_fd: int | None,
-    password_file: Path | None,
-    recovery: bool,
-    recovery_key_file: Path | None,
+    unlock: UnlockArgs,
     do_repair: bool,
     as_json: bool,
 ) -> None:
@@ -263,9 +250,7 @@ def fsck(
     """
     fd = open_locked(container, writable=do_repair)
     try:
-        with _unlocked_keys(
-            container, token_spec, password_fd, password_file, recovery, recovery_key_file
-        ) as (unlocked, keys):
+        with _unlocked_keys(container, unlock) as (unlocked, keys):
             report, rr, after = _run_fsck(container, fd, unlocked, keys, do_repair)
     finally:
         os.close(fd)
@@ -305,11 +290,7 @@ def fsck(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def compact(
     container: Path,
-    token_spec: str | None,
-    password_fd: int | None,
-    password_file: Path | None,
-    recovery: bool,
-    recovery_key_file: Path | None,
+    unlock: UnlockArgs,
     as_json: bool,
 ) -> None:
     """Shrink CONTAINER (not mounted) to its live data.
@@ -323,9 +304,7 @@ def compact(
     stats: CompactStats
     try:
         with (
-            _unlocked_keys(
-                container, token_spec, password_fd, password_file, recovery, recovery_key_file
-            ) as (unlocked, keys),
+            _unlocked_keys(container, unlock) as (unlocked, keys),
             _replacement(container, fd, "compact") as (tfd, swap),
         ):
             stats = compact_container(fd, tfd, unlocked.header.layout, unlocked.vault_uuid, keys)

@@ -13,13 +13,7 @@ from typing import Any
 import click
 
 from kryptvault.cli.app import cli
-from kryptvault.cli.options import (
-    container_argument,
-    password_source,
-    recovery_asker,
-    unlock_options,
-)
-from kryptvault.cli.secrets_input import read_secret
+from kryptvault.cli.options import UnlockArgs, container_argument, unlock_options
 from kryptvault.container.vault import read_container_header, store_keys
 from kryptvault.crypto.secret import harden_process
 from kryptvault.errors import AuthenticationError, KryptvaultError, TokenError, UsageError
@@ -87,11 +81,7 @@ def _wait_for_token(container: Path, token_spec: str | None) -> None:
 def mount(
     container: Path,
     mountpoint: Path,
-    token_spec: str | None,
-    password_fd: int | None,
-    password_file: Path | None,
-    recovery: bool,
-    recovery_key_file: Path | None,
+    unlock: UnlockArgs,
     foreground: bool,
     allow_other: bool,
     accept_rollback: bool,
@@ -104,9 +94,9 @@ def mount(
     container = container.resolve()
     mountpoint = mountpoint.resolve()
     _prepare_mountpoint(mountpoint)
-    ask_recovery = recovery_asker(recovery, recovery_key_file)
+    ask_recovery = unlock.recovery_asker()
     if wait_for_token and ask_recovery is None:
-        _wait_for_token(container, token_spec)
+        _wait_for_token(container, unlock.token_spec)
     header = read_container_header(container).header
     vault = str(header.vault_uuid)
     audit = AuditLog()
@@ -115,12 +105,12 @@ def mount(
     if delay > 0:
         click.echo(f"waiting {delay:.0f} s after recent failed attempts…", err=True)
         time.sleep(delay)
-    source = password_source(password_fd, password_file)
+    ask_password = unlock.password_asker()
     try:
         unlocked = unlock_container(
             container,
-            token_spec=token_spec,
-            ask_password=lambda: read_secret(source, "Password: "),
+            token_spec=unlock.token_spec,
+            ask_password=ask_password,
             ask_recovery_key=ask_recovery,
         )
     except AuthenticationError:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,13 +66,64 @@ def password_source(password_fd: int | None, password_file: Path | None) -> Secr
     return SecretSource(fd=password_fd, file=password_file)
 
 
-def recovery_asker(recovery: bool, recovery_key_file: Path | None) -> Callable[[], Secret] | None:
-    if not recovery and recovery_key_file is None:
-        return None
-    source = SecretSource(file=recovery_key_file)
-    return lambda: read_secret(source, "Recovery key: ", what="recovery key")
+@dataclass(frozen=True)
+class UnlockArgs:
+    """How the command line says to open the vault: a token and a password, or the recovery key.
+
+    Holds the options as given, unchecked: "--password-fd and --password-file together" is
+    refused only when a command asks for the password, so that checks made before that
+    (mount point, token, a verify without --full that never reads a password) still come
+    first, as they did when each command took the options one by one.
+    """
+
+    token_spec: str | None = None
+    password_fd: int | None = None
+    password_file: Path | None = None
+    recovery: bool = False
+    recovery_key_file: Path | None = None
+
+    def password_source(self) -> SecretSource:
+        return password_source(self.password_fd, self.password_file)
+
+    def password_asker(self) -> Callable[[], Secret]:
+        source = self.password_source()
+        return lambda: read_secret(source, "Password: ")
+
+    def recovery_asker(self) -> Callable[[], Secret] | None:
+        if not self.recovery and self.recovery_key_file is None:
+            return None
+        source = SecretSource(file=self.recovery_key_file)
+        return lambda: read_secret(source, "Recovery key: ", what="recovery key")
 
 
-def unlock_options(f: F) -> F:
+def pass_unlock_args(
+    spec_param: str = "token_spec",
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give the command one `unlock: UnlockArgs` in place of the token, password and
+    recovery options; `spec_param` names the token option's parameter (token add opens
+    the vault with --with-token, as its --token is the token being enrolled)."""
+
+    def decorate(f: Callable[..., None]) -> Callable[..., None]:
+        # wraps also carries over the options already attached to f (click collects them
+        # in f.__click_params__), so the order in --help stays as the decorators list it.
+        @functools.wraps(f)
+        def command(*args: Any, **kwargs: Any) -> None:
+            unlock = UnlockArgs(
+                token_spec=kwargs.pop(spec_param),
+                password_fd=kwargs.pop("password_fd"),
+                password_file=kwargs.pop("password_file"),
+                # passwd has no recovery options: the recovery key cannot stand in for
+                # the token + password whose slot it changes.
+                recovery=kwargs.pop("recovery", False),
+                recovery_key_file=kwargs.pop("recovery_key_file", None),
+            )
+            f(*args, unlock=unlock, **kwargs)
+
+        return command
+
+    return decorate
+
+
+def unlock_options(f: Callable[..., None]) -> Callable[..., None]:
     """Token + password, or the recovery key: how every command that opens a vault asks."""
-    return token_option()(password_options(recovery_options(f)))
+    return token_option()(password_options(recovery_options(pass_unlock_args()(f))))

@@ -27,7 +27,7 @@ import click
 
 from kryptvault.cli.app import cli
 from kryptvault.cli.maintenance_commands import open_locked
-from kryptvault.cli.options import container_argument, password_source, recovery_asker, unlock_options
+from kryptvault.cli.options import UnlockArgs, container_argument, unlock_options
 from kryptvault.cli.secrets_input import read_secret
 from kryptvault.cli.units import human_size
 from kryptvault.cli.vault_commands import choose_kdf, kdf_options
@@ -217,11 +217,7 @@ def _rekey(
 @kdf_options
 def rekey(
     container: Path,
-    token_spec: str | None,
-    password_fd: int | None,
-    password_file: Path | None,
-    recovery: bool,
-    recovery_key_file: Path | None,
+    unlock: UnlockArgs,
     kdf_time_ms: int | None,
     kdf_memory_mib: int | None,
 ) -> None:
@@ -238,7 +234,7 @@ def rekey(
     fd = open_locked(container, writable=True)
     kept: list[Secret] = []
     try:
-        source = password_source(password_fd, password_file)
+        source = unlock.password_source()
 
         def ask_password() -> Secret:
             password = read_secret(source, "Password: ")
@@ -247,9 +243,9 @@ def rekey(
 
         with unlock_container(
             container,
-            token_spec=token_spec,
+            token_spec=unlock.token_spec,
             ask_password=ask_password,
-            ask_recovery_key=recovery_asker(recovery, recovery_key_file),
+            ask_recovery_key=unlock.recovery_asker(),
         ) as unlocked:
             written, stats, dropped = _rekey(
                 container, fd, unlocked, kept[-1] if kept else None, kdf_time_ms, kdf_memory_mib

@@ -14,10 +14,11 @@ import click
 
 from kryptvault.cli.app import cli
 from kryptvault.cli.options import (
+    UnlockArgs,
     container_argument,
+    pass_unlock_args,
     password_options,
     password_source,
-    recovery_asker,
     recovery_options,
 )
 from kryptvault.cli.secrets_input import read_new_password, read_secret
@@ -109,6 +110,7 @@ def _registrations_in(share_dir: Path) -> list[object]:
 )
 @password_options
 @recovery_options
+@pass_unlock_args(spec_param="old_token")
 @click.option(
     "--new-password",
     "ask_new_password",
@@ -120,11 +122,7 @@ def _registrations_in(share_dir: Path) -> list[object]:
 def token_add(
     container: Path,
     new_token: str,
-    old_token: str | None,
-    password_fd: int | None,
-    password_file: Path | None,
-    recovery: bool,
-    recovery_key_file: Path | None,
+    unlock: UnlockArgs,
     ask_new_password: bool,
     kdf_time_ms: int | None,
     kdf_memory_mib: int | None,
@@ -143,8 +141,8 @@ def token_add(
         ident.matches(target.identity) and ident.kind != "dir" for ident in slot_identities(header).values()
     ):
         raise UsageError(f"{target.identity.describe()} is already registered for this vault")
-    source = password_source(password_fd, password_file)
-    ask_recovery = recovery_asker(recovery, recovery_key_file)
+    source = unlock.password_source()
+    ask_recovery = unlock.recovery_asker()
     if ask_recovery is not None:
         password = read_new_password(source, "Password for the new token: ")
     else:
@@ -152,7 +150,7 @@ def token_add(
     with (
         password,
         unlock_container(
-            container, token_spec=old_token, ask_password=password.copy, ask_recovery_key=ask_recovery
+            container, token_spec=unlock.token_spec, ask_password=password.copy, ask_recovery_key=ask_recovery
         ) as unlocked,
     ):
         if unlocked.token is not None and unlocked.token.share_dir == target.share_dir:
@@ -210,15 +208,12 @@ def _slot_for(header_slots: dict[int, TokenIdentity], which: str) -> int:
 )
 @password_options
 @recovery_options
+@pass_unlock_args()
 @click.option("--force", is_flag=True, help="Allow removing the last way into the vault.")
 def token_remove(
     container: Path,
     which: str,
-    token_spec: str | None,
-    password_fd: int | None,
-    password_file: Path | None,
-    recovery: bool,
-    recovery_key_file: Path | None,
+    unlock: UnlockArgs,
     force: bool,
 ) -> None:
     """Revoke a token: delete its keyslot (and its share file, if that stick is plugged)."""
@@ -232,12 +227,11 @@ def token_remove(
         raise UsageError(
             "that is the last way into the vault: removing it locks the vault forever (use --force)"
         )
-    source = password_source(password_fd, password_file)
     with unlock_container(
         container,
-        token_spec=token_spec,
-        ask_password=lambda: read_secret(source, "Password: "),
-        ask_recovery_key=recovery_asker(recovery, recovery_key_file),
+        token_spec=unlock.token_spec,
+        ask_password=unlock.password_asker(),
+        ask_recovery_key=unlock.recovery_asker(),
     ) as unlocked:
         rewrite_header(unlocked, replace_slot(unlocked.header, index, None))
         revoked = TokenIdentity.decode(slot.token_identity)

@@ -14,14 +14,15 @@ import click
 
 from kryptvault.cli.app import cli
 from kryptvault.cli.options import (
+    UnlockArgs,
     container_argument,
+    pass_unlock_args,
     password_options,
     password_source,
-    recovery_asker,
     token_option,
     unlock_options,
 )
-from kryptvault.cli.secrets_input import read_new_password, read_secret
+from kryptvault.cli.secrets_input import read_new_password
 from kryptvault.container.header import KIND_TOKEN_PASSWORD, Header, Keyslot
 from kryptvault.container.keyslots import (
     format_recovery_key,
@@ -69,21 +70,13 @@ def choose_kdf(kdf_time_ms: int | None, kdf_memory_mib: int | None) -> Argon2Par
     return calibrate((kdf_time_ms or 1000) / 1000, max(memory, MIN_MEMORY_KIB) if memory else None)
 
 
-def unlock_for_change(
-    container: Path,
-    token_spec: str | None,
-    password_fd: int | None,
-    password_file: Path | None,
-    recovery: bool,
-    recovery_key_file: Path | None,
-) -> Unlocked:
+def unlock_for_change(container: Path, unlock: UnlockArgs) -> Unlocked:
     harden_process()
-    source = password_source(password_fd, password_file)
     return unlock_container(
         container,
-        token_spec=token_spec,
-        ask_password=lambda: read_secret(source, "Password: "),
-        ask_recovery_key=recovery_asker(recovery, recovery_key_file),
+        token_spec=unlock.token_spec,
+        ask_password=unlock.password_asker(),
+        ask_recovery_key=unlock.recovery_asker(),
     )
 
 
@@ -242,6 +235,7 @@ def rewrite_header(unlocked: Unlocked, header: Header) -> Header:
 @container_argument
 @token_option()
 @password_options
+@pass_unlock_args()
 @click.option("--new-password-fd", type=int, metavar="N", help="Read the new password from fd N.")
 @click.option(
     "--new-password-file",
@@ -252,9 +246,7 @@ def rewrite_header(unlocked: Unlocked, header: Header) -> Header:
 @kdf_options
 def passwd(
     container: Path,
-    token_spec: str | None,
-    password_fd: int | None,
-    password_file: Path | None,
+    unlock: UnlockArgs,
     new_password_fd: int | None,
     new_password_file: Path | None,
     slot_index: int | None,
@@ -262,7 +254,7 @@ def passwd(
     kdf_memory_mib: int | None,
 ) -> None:
     """Change the password of one token+password keyslot (no data is re-encrypted)."""
-    with unlock_for_change(container, token_spec, password_fd, password_file, False, None) as unlocked:
+    with unlock_for_change(container, unlock) as unlocked:
         assert unlocked.token is not None and unlocked.share is not None
         index = unlocked.slot if slot_index is None else slot_index
         if index != unlocked.slot:
@@ -297,17 +289,11 @@ def recovery_key() -> None:
 @click.option("--label", default="recovery", show_default=True)
 def recovery_key_add(
     container: Path,
-    token_spec: str | None,
-    password_fd: int | None,
-    password_file: Path | None,
-    recovery: bool,
-    recovery_key_file: Path | None,
+    unlock: UnlockArgs,
     label: str,
 ) -> None:
     """Add a recovery keyslot and print its key once, for writing down."""
-    with unlock_for_change(
-        container, token_spec, password_fd, password_file, recovery, recovery_key_file
-    ) as unlocked:
+    with unlock_for_change(container, unlock) as unlocked:
         index = free_slot_index(unlocked.header)
         with new_recovery_key() as key, format_recovery_key(key) as printable:
             slot = new_recovery_slot(unlocked.vault_uuid, index, unlocked.master, key, label)
@@ -351,11 +337,7 @@ def slot_list(container: Path, as_json: bool) -> None:
 def slot_remove(
     container: Path,
     slot_index: int,
-    token_spec: str | None,
-    password_fd: int | None,
-    password_file: Path | None,
-    recovery: bool,
-    recovery_key_file: Path | None,
+    unlock: UnlockArgs,
     force: bool,
 ) -> None:
     """Remove keyslot SLOT (proving access with any slot first)."""
@@ -364,9 +346,7 @@ def slot_remove(
         raise UsageError(f"slot {slot_index} is not in use")
     if len(read.header.active_slots()) == 1 and not force:
         raise UsageError("that is the last keyslot: removing it locks the vault forever (use --force)")
-    with unlock_for_change(
-        container, token_spec, password_fd, password_file, recovery, recovery_key_file
-    ) as unlocked:
+    with unlock_for_change(container, unlock) as unlocked:
         rewrite_header(unlocked, replace_slot(unlocked.header, slot_index, None))
     click.echo(f"slot {slot_index} removed. Old copies of the header (in backups) still open with it;")
     click.echo("if its token was stolen together with the password, move the files into a new vault.")

@@ -1338,6 +1338,12 @@ class ObjectStore:
             self._txn_dirty = False
             self._pool.clear()
 
+    def abandon(self) -> None:
+        """For a process about to exit (the lock): refuse every later call at once, but
+        neither wait for the I/O thread nor free anything. Whatever it may still be writing
+        is uncommitted, so it can be cut off at any byte (copy-on-write)."""
+        self._closed = True
+
     def __enter__(self) -> ObjectStore:
         return self
 

@@ -6,6 +6,9 @@ reachable → drop cached plaintext of open files and take the mount away (lazy 
 abort the FUSE connection) → wipe keys → audit → exit. If the commit overruns its
 deadline, the mount is taken away anyway (no process may read plaintext meanwhile) and
 the commit is still waited for before the keys are wiped: accepted writes are never lost.
+
+Every step's duration goes into `LockOutcome.step_ms` (the daemon logs it), so a slow lock
+shows where its time went (tests/test_e2e_unplug.py prints them per step).
 """
 
 from __future__ import annotations
@@ -44,7 +47,12 @@ class LockOutcome:
     commit_error: str | None = None
     token_updated: bool = False
     steps: list[str] = field(default_factory=list)
+    step_ms: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def describe_steps(self) -> str:
+        """`refuse=0.4 commit=0.0 ...`: where the lock spent its time, in ms."""
+        return " ".join(f"{name}={ms:.1f}" for name, ms in self.step_ms.items())
 
 
 class LockSequence:
@@ -80,9 +88,11 @@ class LockSequence:
         if not steps.needs_commit():
             # Nothing accepted is unsaved: the commit is a no-op that only reads the
             # generation, so no thread (and no deadline) is needed.
+            start = time.monotonic()
             outcome.generation = steps.commit()
-            outcome.commit_seconds = 0.0
+            outcome.commit_seconds = time.monotonic() - start
             outcome.steps.append("commit")
+            outcome.step_ms["commit"] = outcome.commit_seconds * 1000
             self._record(outcome, steps)
             self._step(outcome, "take_mount_away", steps.take_mount_away)
             self._step(outcome, "wipe", steps.wipe)
@@ -105,6 +115,7 @@ class LockSequence:
         committer.start()
         if done.wait(self._deadline):
             outcome.steps.append("commit")
+            outcome.step_ms["commit"] = (outcome.commit_seconds or 0.0) * 1000
             self._record(outcome, steps)
             self._step(outcome, "take_mount_away", steps.take_mount_away)
         else:
@@ -112,6 +123,7 @@ class LockSequence:
             self._step(outcome, "take_mount_away", steps.take_mount_away)
             done.wait(COMMIT_HARD_LIMIT)
             outcome.steps.append("commit")
+            outcome.step_ms["commit"] = (outcome.commit_seconds or 0.0) * 1000
             self._record(outcome, steps)
         self._step(outcome, "wipe", steps.wipe)
         self._step(outcome, "audit", lambda: steps.audit(outcome))
@@ -119,16 +131,20 @@ class LockSequence:
     def _record(self, outcome: LockOutcome, steps: LockSteps) -> None:
         if outcome.generation is None:
             return
+        start = time.monotonic()
         try:
             outcome.token_updated = steps.record_generation(outcome.generation)
         except Exception:
             log.exception("recording the generation on the token failed")
         outcome.steps.append("record_generation")
+        outcome.step_ms["record_generation"] = (time.monotonic() - start) * 1000
 
     @staticmethod
     def _step(outcome: LockOutcome, name: str, action: Callable[[], None]) -> None:
+        start = time.monotonic()
         try:
             action()
         except Exception:
             log.exception("lock step %s failed", name)
         outcome.steps.append(name)
+        outcome.step_ms[name] = (time.monotonic() - start) * 1000
