@@ -104,7 +104,7 @@ def test_pulling_the_stick_fires_by_uevent_and_replugging_reports_token_plugged(
     assert fired["fired"] == "uevent"
     assert str(removed["device"]).startswith(usb + "/")
     assert fired_ns < block_ns
-    assert fired_ns - first_ns < 0.5e9  # TCG, one vCPU; two processes reading the same uevent
+    assert fired_ns - first_ns < 0.5e9  # TCG guest; two processes reading the same uevent
 
     started = time.monotonic()
     rig.plug("stick0")

@@ -1109,6 +1109,11 @@ class Filesystem:
         """Refuse every later operation with EIO (the first step of a lock)."""
         self._lock.seal()
 
+    @property
+    def sealed(self) -> bool:
+        """True once `seal()` ran: a lock owns the rest of this filesystem's life."""
+        return self._lock.sealed
+
     def has_unsaved_changes(self) -> bool:
         """Whether a commit would write anything (lock-free: used after `seal()`)."""
         return bool(self._dirty) or self._dirty_since is not None or self.store.dirty_bytes() > 0

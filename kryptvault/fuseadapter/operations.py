@@ -167,6 +167,10 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
             self.on_ready()
 
     def destroy(self, path: str) -> None:
+        if self.fs.sealed:
+            # A lock aborted the connection and ends the process itself: joining threads
+            # and trying a commit here would only take CPU from its last steps.
+            return
         if self.scheduler is not None:
             self.scheduler.stop(commit=False)
             self.scheduler = None

@@ -109,7 +109,7 @@ def fork(fn: Callable[..., int], *args: Any) -> int:
 def reap(pid: int, timeout: float) -> int | None:
     """The child's exit code, or None if it had to be killed after `timeout`.
 
-    Blocks in poll() on a pidfd: no polling loop competing for the guest's one vCPU while
+    Blocks in poll() on a pidfd: no polling loop competing for the guest's vCPUs while
     the lock being measured runs."""
     pidfd = os.pidfd_open(pid)
     try:
