@@ -266,9 +266,14 @@ def test_audit_log_records_each_lock_as_unplug_with_its_route(run: dict[str, Any
     assert [line[1] for line in run["locked_lines"]] == ["unplug"] * CYCLES, run["locked_lines"]
 
 
-def test_every_unplug_locks_within_one_and_a_half_seconds(run: dict[str, Any]) -> None:
-    """What is guaranteed today in the TCG guest, with margin for a loaded machine."""
+def test_every_unplug_locks_within_one_and_a_half_seconds(
+    run: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What is guaranteed today in the TCG guest, with margin for a loaded machine. The
+    figures go to the terminal even under `pytest -q`, so every CI log reports them."""
     summary = run["summary"]
+    with capsys.disabled():
+        print(f"\n[unplug] {render(summary)}")
     a = summary["uevent_to_locked_ms"]
     assert a.get("n") == CYCLES, summary
     assert a["max"] <= GUARANTEED_MAX_MS, render(summary)
