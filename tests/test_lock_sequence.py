@@ -53,6 +53,20 @@ def test_lock_runs_its_steps_in_the_specified_order() -> None:
     assert outcome.generation == 42 and not outcome.commit_late and outcome.token_updated
 
 
+def test_the_outcome_says_how_long_each_step_took_in_the_order_they_ran() -> None:
+    rec = Recorder(commit_seconds=0.05)
+    steps = rec.steps()
+    steps.take_mount_away = lambda: time.sleep(0.03)
+    assert LockSequence(steps, commit_deadline=1.0).trigger("unplug", "uevent")
+    (outcome,) = rec.finished
+    order = ["refuse", "commit", "record_generation", "take_mount_away", "wipe", "audit"]
+    assert list(outcome.step_ms) == order
+    assert outcome.step_ms["commit"] >= 50 and outcome.step_ms["take_mount_away"] >= 30
+    assert outcome.step_ms["refuse"] < 30
+    assert sum(outcome.step_ms.values()) <= outcome.seconds * 1000 + 1
+    assert outcome.describe_steps().startswith("refuse=") and " commit=" in outcome.describe_steps()
+
+
 def test_with_nothing_unsaved_the_lock_commits_inline_in_the_same_order() -> None:
     rec = Recorder(dirty=False)
     assert LockSequence(rec.steps(), commit_deadline=0.001).trigger("unplug", "uevent")
