@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner, Result
 
 from kryptvault.cli.commands import cli
@@ -58,6 +60,22 @@ def make_vault(tmp: Path, password: str = PASSWORD, name: str = "vault.kv") -> V
     assert result.exit_code == 0, result.output
     uuid = result.output.split()[2]
     return VaultFixture(tmp, container, token, pw, uuid)
+
+
+def mounted_vault_and_dest(tmp: Path) -> tuple[VaultFixture, Path, Path]:
+    """A fresh vault mounted on tmp/mnt with the real CLI, and an empty tmp/dest directory.
+    Skips the test where FUSE cannot mount; the caller locks (`run_process("lock", mnt)`)."""
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        pytest.skip("needs /dev/fuse and fusermount3")
+    vault = make_vault(tmp)
+    mnt = tmp / "mnt"
+    mnt.mkdir()
+    dest = tmp / "dest"
+    dest.mkdir()
+    mounted = run_process("mount", vault.container, mnt, *vault.pw())
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount here: {mounted.stderr.strip()}")
+    return vault, mnt, dest
 
 
 def assert_clean_error(stderr: str) -> None:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import make_vault, run_process
+from cli_helpers import make_vault, mounted_vault_and_dest, run_process
 from test_backup_support import OpenVault
 
 from kryptvault.backup.engine import run_backup
@@ -170,16 +169,7 @@ def test_a_daemon_answer_without_a_generation_is_refused(tmp_path: Path) -> None
 
 @pytest.mark.fuse
 def test_live_backup_of_a_mounted_vault_through_the_control_socket(tmp_path: Path) -> None:
-    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
-        pytest.skip("needs /dev/fuse and fusermount3")
-    vault = make_vault(tmp_path)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    mounted = run_process("mount", vault.container, mnt, *vault.pw())
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount here: {mounted.stderr.strip()}")
+    vault, mnt, dest = mounted_vault_and_dest(tmp_path)
 
     def content(prefix: str, i: int) -> bytes:
         return random.Random(f"{prefix}{i}").randbytes(20_000 + 997 * i)

@@ -14,13 +14,12 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import KRYPTVAULT, assert_clean_error, make_vault, run_process
+from cli_helpers import KRYPTVAULT, assert_clean_error, mounted_vault_and_dest, run_process
 
 from kryptvault.backup.engine import TEST_SLOW_ENV
 from kryptvault.backup.restore import run_restore
@@ -51,16 +50,7 @@ def _sha(path: Path) -> str:
 
 
 def test_locking_during_a_live_backup_discards_it_and_keeps_the_previous_versions(tmp_path: Path) -> None:
-    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
-        pytest.skip("needs /dev/fuse and fusermount3")
-    vault = make_vault(tmp_path)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    mounted = run_process("mount", vault.container, mnt, *vault.pw())
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount here: {mounted.stderr.strip()}")
+    vault, mnt, dest = mounted_vault_and_dest(tmp_path)
     audit_path = state_dir() / "audit.jsonl"
     audit_start = audit_path.stat().st_size if audit_path.exists() else 0
     rnd = random.Random(11)

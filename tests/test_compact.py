@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import PASSWORD, make_vault, run_cli, run_process
+from store_support import snapshot as store_snapshot
 from test_fsck import (
     BS,
     LAYOUT,
@@ -38,18 +39,6 @@ from kryptvault.fs import Filesystem
 from kryptvault.fs.compact import compact, tree_order
 
 GEOM = GroupGeometry(LAYOUT.block_size, LAYOUT.unit_size)
-
-
-def store_snapshot(store: ObjectStore) -> dict[int, tuple[bytes, bytes, bytes]]:
-    """oid -> (attribute blob, data stream, aux stream): the raw objects."""
-    out = {}
-    for oid in store.iter_oids():
-        out[oid] = (
-            store.get_attrs(oid),
-            store.read(oid, 0, 0, store.stream_size(oid, 0)),
-            store.read(oid, 1, 0, store.stream_size(oid, 1)),
-        )
-    return out
 
 
 def churn(v: Vault, keep: int = 1) -> None:

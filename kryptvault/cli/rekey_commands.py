@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import click
 from kryptvault.cli.app import cli
 from kryptvault.cli.maintenance_commands import open_locked
 from kryptvault.cli.options import UnlockArgs, container_argument, unlock_options
-from kryptvault.cli.secrets_input import read_secret
+from kryptvault.cli.secrets_input import read_secret, show_secret
 from kryptvault.cli.units import human_size
 from kryptvault.cli.vault_commands import choose_kdf, kdf_options
 from kryptvault.container.header import (
@@ -127,12 +126,7 @@ def _verify_new_container(
 def _print_recovery_key(index: int, printable: Secret) -> None:
     click.echo(f"new recovery key for slot {index} (the one used to unlock is no longer valid).")
     click.echo("Write it down and keep it away from the token; it is not shown again:")
-    out = sys.stdout.buffer
-    with printable.view() as text:
-        out.write(b"\n    ")
-        out.write(text)
-        out.write(b"\n\n")
-    out.flush()
+    show_secret(printable)
 
 
 def _rekey(

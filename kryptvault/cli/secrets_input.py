@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import termios
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -195,3 +196,14 @@ def check_password_strength(password: Secret) -> None:
 def _is_sequence(raw: bytearray) -> bool:
     steps = {raw[i + 1] - raw[i] for i in range(len(raw) - 1)}
     return len(steps) == 1 and steps.pop() in (-1, 0, 1)
+
+
+def show_secret(printable: Secret) -> None:
+    """Print a secret meant for the user's eyes (a recovery key) on a line of its own,
+    straight from its wipeable buffer to stdout: it never becomes a Python string."""
+    out = sys.stdout.buffer
+    with printable.view() as text:
+        out.write(b"\n    ")
+        out.write(text)
+        out.write(b"\n\n")
+    out.flush()

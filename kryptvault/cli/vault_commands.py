@@ -6,7 +6,6 @@ import contextlib
 import datetime
 import json
 import os
-import sys
 import uuid
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from kryptvault.cli.options import (
     token_option,
     unlock_options,
 )
-from kryptvault.cli.secrets_input import read_new_password
+from kryptvault.cli.secrets_input import read_new_password, show_secret
 from kryptvault.container.header import KIND_TOKEN_PASSWORD, Header, Keyslot
 from kryptvault.container.keyslots import (
     format_recovery_key,
@@ -300,12 +299,7 @@ def recovery_key_add(
             rewrite_header(unlocked, replace_slot(unlocked.header, index, slot))
             click.echo(f"recovery key added as slot {index}. Write it down and keep it away from the token;")
             click.echo("it opens the vault on its own and is not shown again:")
-            out = sys.stdout.buffer
-            with printable.view() as text:
-                out.write(b"\n    ")
-                out.write(text)
-                out.write(b"\n\n")
-            out.flush()
+            show_secret(printable)
 
 
 @cli.group()

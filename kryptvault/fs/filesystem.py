@@ -649,13 +649,18 @@ class Filesystem:
                     return
                 check_name(name)
                 raise FsError(errno.ENOENT)
-            node = self._get(entry[0])
-            if node.is_dir:
-                raise FsError(errno.EISDIR)
-            self._dir_apply(pnode, d, d.remove(name))
-            pnode.mtime_ns = pnode.ctime_ns = self._now()
-            self._touch(pnode)
-            self._drop_link(node)
+            self._drop_name(pnode, d, name, entry[0])
+
+    def _drop_name(self, pnode: Inode, d: Directory, name: bytes, oid: int) -> Inode:
+        """Remove a non-directory's entry and one of its links (unlink and hide)."""
+        node = self._get(oid)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        self._dir_apply(pnode, d, d.remove(name))
+        pnode.mtime_ns = pnode.ctime_ns = self._now()
+        self._touch(pnode)
+        self._drop_link(node)
+        return node
 
     def rmdir(self, parent: int, name: bytes) -> None:
         with self._lock:
@@ -698,14 +703,8 @@ class Filesystem:
             entry = d.get(name)
             if entry is None:
                 raise FsError(errno.ENOENT)
-            node = self._get(entry[0])
-            if node.is_dir:
-                raise FsError(errno.EISDIR)
-            self._dir_apply(pnode, d, d.remove(name))
-            pnode.mtime_ns = pnode.ctime_ns = self._now()
-            self._touch(pnode)
+            node = self._drop_name(pnode, d, name, entry[0])
             self._hidden.setdefault(parent, {})[hidden_name] = node.oid
-            self._drop_link(node)
 
     def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0

@@ -91,9 +91,7 @@ class LockSequence:
             start = time.monotonic()
             outcome.generation = steps.commit()
             outcome.commit_seconds = time.monotonic() - start
-            outcome.steps.append("commit")
-            outcome.step_ms["commit"] = outcome.commit_seconds * 1000
-            self._record(outcome, steps)
+            self._after_commit(outcome, steps)
             self._step(outcome, "take_mount_away", steps.take_mount_away)
             self._step(outcome, "wipe", steps.wipe)
             self._step(outcome, "audit", lambda: steps.audit(outcome))
@@ -114,21 +112,20 @@ class LockSequence:
         committer = threading.Thread(target=commit, name="kryptvault-lock-commit", daemon=True)
         committer.start()
         if done.wait(self._deadline):
-            outcome.steps.append("commit")
-            outcome.step_ms["commit"] = (outcome.commit_seconds or 0.0) * 1000
-            self._record(outcome, steps)
+            self._after_commit(outcome, steps)
             self._step(outcome, "take_mount_away", steps.take_mount_away)
         else:
             outcome.commit_late = True
             self._step(outcome, "take_mount_away", steps.take_mount_away)
             done.wait(COMMIT_HARD_LIMIT)
-            outcome.steps.append("commit")
-            outcome.step_ms["commit"] = (outcome.commit_seconds or 0.0) * 1000
-            self._record(outcome, steps)
+            self._after_commit(outcome, steps)
         self._step(outcome, "wipe", steps.wipe)
         self._step(outcome, "audit", lambda: steps.audit(outcome))
 
-    def _record(self, outcome: LockOutcome, steps: LockSteps) -> None:
+    def _after_commit(self, outcome: LockOutcome, steps: LockSteps) -> None:
+        """The commit is over (in time or late): note it, then record its generation."""
+        outcome.steps.append("commit")
+        outcome.step_ms["commit"] = (outcome.commit_seconds or 0.0) * 1000
         if outcome.generation is None:
             return
         start = time.monotonic()
