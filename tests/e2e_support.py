@@ -14,9 +14,12 @@ XDG_RUNTIME_DIR): the host's ``~/.local/state`` shows through the overlay otherw
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import math
 import os
+import select
 import shlex
 import shutil
 import time
@@ -58,6 +61,46 @@ class CliResult:
     @property
     def error_lines(self) -> list[str]:
         return [line for line in self.err.splitlines() if line.strip()]
+
+
+class DirectoryWatch:
+    """Sleep until a file lands in a directory (inotify), instead of polling for it.
+
+    The guest's requests and answers arrive as renames in the shared directory, written
+    by QEMU's 9p server on this host. Polling for them every millisecond cost this side
+    ~8 % of a core and ~900 wake-ups a second, taken from the two host cores that run the
+    guest's vCPUs while the guest measures its lock latency; inotify costs nothing while
+    it waits. `wait()` also returns after `timeout` s, so a missed event only costs time."""
+
+    _IN_MOVED_TO = 0x080
+    _IN_CLOSE_WRITE = 0x008
+    _IN_CREATE = 0x100
+    _IN_NONBLOCK = os.O_NONBLOCK
+    _IN_CLOEXEC = os.O_CLOEXEC
+
+    def __init__(self, directory: Path) -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        self._fd = libc.inotify_init1(self._IN_NONBLOCK | self._IN_CLOEXEC)
+        if self._fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        mask = self._IN_MOVED_TO | self._IN_CLOSE_WRITE | self._IN_CREATE
+        if libc.inotify_add_watch(self._fd, os.fsencode(directory), mask) < 0:
+            errno = ctypes.get_errno()
+            os.close(self._fd)
+            raise OSError(errno, f"inotify_add_watch {directory} failed")
+
+    def wait(self, timeout: float) -> None:
+        ready, _, _ = select.select([self._fd], [], [], timeout)
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._fd, 65536):
+                    pass
+
+    def __enter__(self) -> DirectoryWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
 
 
 class KvGuest:
@@ -105,13 +148,14 @@ class KvGuest:
         tmp.rename(request)
         response = self.dir / f"res-{number}.json"
         deadline = time.monotonic() + wait_s
-        while not response.exists():
-            self._serve_actions()
-            if self.proc.poll() is not None:
-                raise RigError(f"the guest helper died: {self.proc.poll()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"guest request {op} {args} took more than {wait_s} s")
-            time.sleep(0.001)
+        with DirectoryWatch(self.dir) as changes:
+            while not response.exists():
+                self._serve_actions()
+                if self.proc.poll() is not None:
+                    raise RigError(f"the guest helper died: {self.proc.poll()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"guest request {op} {args} took more than {wait_s} s")
+                changes.wait(0.05)
         answer = json.loads(response.read_text())
         if not answer["ok"]:
             raise AssertionError(f"guest request {op} failed:\n{answer['error']}")

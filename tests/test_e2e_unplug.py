@@ -82,6 +82,7 @@ def run(kv: KvGuest) -> dict[str, Any]:
     vault = kv.cli("info", CONTAINER, "--json").json()["uuid"]
     mount = kv.cli("mount", CONTAINER, MOUNTPOINT, "--password-file", PASSWORD_FILE).check()
     pid = int(re.search(r"\(daemon pid (\d+)\)", mount.out).group(1))  # type: ignore[union-attr]
+    jit_before = kv.rig.jit_stats()
     result: dict[str, Any] = kv.call(
         "unplug_cycles",
         wait_s=900,
@@ -98,6 +99,7 @@ def run(kv: KvGuest) -> dict[str, Any]:
         poll_ms=DETECTOR_POLL_MS,
         trace=TRACE,
     )
+    result["jit"] = {"before": jit_before, "after": kv.rig.jit_stats()}
     result["vault"] = vault
     result["init"] = init.out
     result["audit"] = [
@@ -134,7 +136,16 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     for i, rec in enumerate(records):
         row: dict[str, Any] = {
             k: rec.get(k)
-            for k in ("cycle", "a_ms", "b_ms", "fsynced_before_unplug", "mount_s", "replug_s", "fsck_s")
+            for k in (
+                "cycle",
+                "a_ms",
+                "b_ms",
+                "fsynced_before_unplug",
+                "mount_s",
+                "replug_s",
+                "fsck_s",
+                "daemon_memory",
+            )
         }
         watch = rec.get("watch", {})
         first = rec.get("first_remove")
@@ -165,6 +176,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         if "trace" in rec:
             row["cpu_ms"] = rec["trace"]["cpu_ms"]
             row["process_exit_ms"] = rec["trace"].get("exit_ms")
+            row["os_exit_to_pid_gone_ms"] = rec["trace"].get("exit_from_first_thread_ms")
+            row["exit_cpu_ms"] = rec["trace"].get("exit_cpu_ms")
+            row["daemon_thread_exits_ms"] = rec["trace"].get("daemon_thread_exits_ms")
         cycles.append(row)
 
     def stats_of(values: list[float]) -> dict[str, float]:
@@ -190,6 +204,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
                 "remove_to_pid_gone_ms",
                 "remove_to_block_remove_ms",
                 "process_exit_ms",
+                "os_exit_to_pid_gone_ms",
             )
         },
         "lock_steps_ms": {
@@ -200,6 +215,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             role: stats_of([c["cpu_ms"].get(role, 0.0) for c in cycles if "cpu_ms" in c])
             for role in sorted({r for c in cycles for r in c.get("cpu_ms", {})})
         },
+        "daemon_memory_kib": {
+            key: stats_of([c["daemon_memory"][key] for c in cycles if key in (c.get("daemon_memory") or {})])
+            for key in ("RssAnon", "RssFile", "Threads")
+        },
         "routes": {
             r: sum(c.get("route") == r for c in cycles) for r in sorted({str(c.get("route")) for c in cycles})
         },
@@ -207,6 +226,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "cycles": cycles,
         "percentile_method": "nearest rank (p99 of 20 samples is the maximum)",
         "fatal": result.get("fatal"),
+        "jit": result.get("jit"),
     }
 
 
@@ -227,7 +247,18 @@ def render(summary: dict[str, Any]) -> str:
     if summary["cpu_in_window_ms"]:
         lines.append("  CPU inside window (a), by task (p50/p90/p99/max):")
         lines += [f"    {k}: {fmt(v)}" for k, v in summary["cpu_in_window_ms"].items()]
+    memory = summary.get("daemon_memory_kib") or {}
+    if memory.get("RssAnon"):
+        lines.append(
+            "  daemon before the pull (p50/max): "
+            + ", ".join(f"{k} {v['p50']:.0f}/{v['max']:.0f}" for k, v in memory.items() if v)
+            + " (KiB; threads)"
+        )
     lines.append(f"  routes: {summary['routes']}")
+    jit = summary.get("jit") or {}
+    flushes = [jit.get(k, {}).get("TB flush count") for k in ("before", "after")]
+    if None not in flushes:
+        lines.append(f"  QEMU translation-cache flushes during the pulls: {flushes[1] - flushes[0]}")
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ from kryptvault.container.vault import (
     replace_slot,
     write_header_copies,
 )
-from kryptvault.crypto.kdf import Argon2Params
+from kryptvault.crypto.kdf_params import Argon2Params
 from kryptvault.crypto.secret import Secret
 from kryptvault.errors import AuthenticationError, FormatError, IntegrityError
 

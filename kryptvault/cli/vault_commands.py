@@ -38,7 +38,8 @@ from kryptvault.container.vault import (
     replace_slot,
     write_header_copies,
 )
-from kryptvault.crypto.kdf import MIN_MEMORY_KIB, Argon2Params, calibrate
+from kryptvault.crypto.kdf import calibrate
+from kryptvault.crypto.kdf_params import MIN_MEMORY_KIB, Argon2Params
 from kryptvault.crypto.secret import harden_process
 from kryptvault.errors import KryptvaultError, UsageError
 from kryptvault.session.mkfs import initialise_filesystem

@@ -21,7 +21,7 @@ from kryptvault.container.layout import (
     MIN_BLOCK_SIZE_LOG2,
     Layout,
 )
-from kryptvault.crypto.kdf import Argon2Params
+from kryptvault.crypto.kdf_params import Argon2Params
 from kryptvault.crypto.secret import constant_time_equal
 from kryptvault.errors import FormatError
 

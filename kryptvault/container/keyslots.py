@@ -26,7 +26,8 @@ from kryptvault.container.header import (
     Keyslot,
 )
 from kryptvault.crypto.aead import Aead, AuthenticationFailed, new_nonce
-from kryptvault.crypto.kdf import ARGON2_SALT_LEN, Argon2Params, argon2id, hkdf_sha256
+from kryptvault.crypto.kdf import ARGON2_SALT_LEN, argon2id, hkdf_sha256
+from kryptvault.crypto.kdf_params import Argon2Params
 from kryptvault.crypto.secret import Secret, constant_time_equal
 from kryptvault.errors import AuthenticationError, IntegrityError, UsageError
 

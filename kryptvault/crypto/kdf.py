@@ -8,37 +8,17 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 from _argon2_cffi_bindings import ffi, lib
 from argon2.low_level import Type, core
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from kryptvault.crypto.kdf_params import MAX_TIME_COST, MIN_MEMORY_KIB, Argon2Params
 from kryptvault.crypto.secret import Secret, scrub_bytes
 
 ARGON2_SALT_LEN = 32
 KEY_LEN = 32
-MIN_MEMORY_KIB = 8 * 1024
-MAX_MEMORY_KIB = 4 * 1024 * 1024
-MAX_TIME_COST = 1000
-MAX_PARALLELISM = 16
-
-
-@dataclass(frozen=True)
-class Argon2Params:
-    time_cost: int
-    memory_kib: int
-    parallelism: int
-
-    def validate(self) -> None:
-        """Reject parameters read from a container before they can exhaust the machine."""
-        if not 1 <= self.time_cost <= MAX_TIME_COST:
-            raise ValueError(f"Argon2 time cost {self.time_cost} out of range")
-        if not MIN_MEMORY_KIB <= self.memory_kib <= MAX_MEMORY_KIB:
-            raise ValueError(f"Argon2 memory {self.memory_kib} KiB out of range")
-        if not 1 <= self.parallelism <= MAX_PARALLELISM:
-            raise ValueError(f"Argon2 parallelism {self.parallelism} out of range")
 
 
 def argon2id(password: Secret, salt: bytes, params: Argon2Params) -> Secret:

@@ -46,6 +46,13 @@ QEMU = "qemu-system-x86_64"
 # p99 208 ms with 2 vCPUs against p50 187-203 / p99 327-474 ms with 1, and the whole
 # unplug test ran in 200 s instead of 230 s. KRYPTVAULT_USBRIG_CPUS=1 measures the old way.
 GUEST_CPUS = int(os.environ.get("KRYPTVAULT_USBRIG_CPUS", "2"))
+# TCG's translation cache, in MiB. The guest's kernel, Python and libraries translate to
+# ~140 MiB of host code; with a 64 MiB cache QEMU flushed it 36 times during the 20 pulls
+# of tests/test_e2e_unplug.py, and after each flush the guest re-translates whatever it
+# runs, so a pull that met a flush was slow in every step at once (p99 271-528 ms, the
+# first pull worst). With 512 MiB: no flush, p50 68 / p99 157 ms, and the test ran in
+# 157 s instead of 233 s. Only the code actually generated becomes resident.
+TB_CACHE_MIB = int(os.environ.get("KRYPTVAULT_USBRIG_TB_MIB", "512"))
 # QEMU's usb-storage always enumerates as this; only the serial can be chosen.
 STICK_VENDOR_ID = 0x46F4
 STICK_PRODUCT_ID = 0x0001
@@ -447,7 +454,8 @@ class UsbRig:
         # fmt: off
         argv = [
             qemu, "-name", "kvrig",
-            "-accel", "tcg,tb-size=64", "-cpu", "max", "-smp", str(GUEST_CPUS), "-m", str(self.memory_mib),
+            "-accel", f"tcg,tb-size={TB_CACHE_MIB}", "-cpu", "max",
+            "-smp", str(GUEST_CPUS), "-m", str(self.memory_mib),
             "-nodefaults", "-display", "none", "-no-reboot",
             "-serial", f"file:{_qemu_opt(str(self.console_log))}",
             "-kernel", str(kernel.vmlinux if use_pvh else kernel.bzimage),
@@ -614,6 +622,18 @@ class UsbRig:
             return self.sticks[stick_id]
         except KeyError:
             raise KeyError(f"no stick {stick_id!r}; have {sorted(self.sticks)}") from None
+
+    def jit_stats(self) -> dict[str, int]:
+        """QEMU's translation-cache counters (`info jit`): a TB flush makes the guest
+        re-translate everything it runs, which shows up as a burst of slowness."""
+        assert self._qmp is not None, "start() first"
+        text = self._qmp.execute("human-monitor-command", {"command-line": "info jit"})
+        stats: dict[str, int] = {}
+        for line in str(text).splitlines():
+            m = re.match(r"(\S.*?)\s{2,}(\d+)", line.strip())
+            if m:
+                stats[m.group(1)] = int(m.group(2))
+        return stats
 
     def is_plugged(self, stick_id: str) -> bool:
         return self._plugged[self._stick(stick_id).id]

@@ -143,7 +143,7 @@ def clock_offset_ns() -> int:
 
 TRACEFS = Path("/sys/kernel/tracing")
 TRACE_LINE = re.compile(
-    r"^\s*(?P<comm>.{1,16}?)-(?P<pid>\d+)\s+\(\s*(?P<tgid>[\d-]+)\)\s+\[\d+\]\s+\S+\s+"
+    r"^\s*(?P<comm>.{1,16}?)-(?P<pid>\d+)\s+\(\s*(?P<tgid>[\d-]+)\)\s+\[(?P<cpu>\d+)\]\s+\S+\s+"
     r"(?P<ts>\d+\.\d+): (?P<event>\w+): (?P<rest>.*)$"
 )
 NEXT_PID = re.compile(r"==> next_comm=.* next_pid=(\d+) ")
@@ -176,11 +176,11 @@ def trace_stop() -> str:
 
 
 def cpu_breakdown(trace: str, start: int, end: int, roles: dict[int, str]) -> dict[str, Any]:
-    """Who had the (single) vCPU between `start` and `end` (ns), in ms, by role; and when
-    the daemon's threads exited (ms after `start`; its main thread's exit marks the
-    process teardown that os._exit starts)."""
+    """Who had each vCPU between `start` and `end` (ns), in ms summed over the vCPUs, by
+    role; and when the daemon's threads exited (ms after `start`; its main thread's exit
+    marks the process teardown that os._exit starts)."""
     cpu: dict[str, float] = {}
-    last_ts: int | None = None
+    last_ts: dict[str, int] = {}  # per vCPU: a sched_switch ends what ran on that vCPU only
     exits: list[float] = []
     leader_exit = None
     daemon = next((tgid for tgid, role in roles.items() if role == "daemon"), None)
@@ -198,8 +198,9 @@ def cpu_breakdown(trace: str, start: int, end: int, roles: dict[int, str]) -> di
             continue
         if m["event"] != "sched_switch":
             continue
-        if last_ts is not None:
-            lo, hi = max(last_ts, start), min(ts, end)
+        previous = last_ts.get(m["cpu"])
+        if previous is not None:
+            lo, hi = max(previous, start), min(ts, end)
             if hi > lo:
                 pid = int(m["pid"])
                 comm = m["comm"].strip()
@@ -212,9 +213,23 @@ def cpu_breakdown(trace: str, start: int, end: int, roles: dict[int, str]) -> di
                 else:
                     role = f"other: {comm.split('/')[0]}"
                 cpu[role] = cpu.get(role, 0.0) + (hi - lo) / 1e6
-        last_ts = ts
+        last_ts[m["cpu"]] = ts
     ordered = dict(sorted(((k, round(v, 1)) for k, v in cpu.items()), key=lambda kv: -kv[1]))
     return {"cpu_ms": ordered, "leader_exit": leader_exit, "daemon_thread_exits_ms": exits}
+
+
+def daemon_memory(pid: int) -> dict[str, int]:
+    """RssAnon/RssFile (KiB) and thread count of the daemon: its exit has to tear them down."""
+    found: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "RssFile", "Threads"):
+                    found[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return found
 
 
 def count_fsynced(log_path: Path) -> int:
@@ -388,6 +403,7 @@ def _one_cycle(guest: Any, rec: dict[str, Any], logs: list[dict[str, Any]], p: d
         time.sleep(0.005)
     rec["fsynced_before_unplug"] = count_fsynced(writer_log)
     rec["clock_offset_ns"] = clock_offset_ns()
+    rec["daemon_memory"] = daemon_memory(pid)
 
     if p["trace"]:
         trace_start()
@@ -427,6 +443,10 @@ def _one_cycle(guest: Any, rec: dict[str, Any], logs: list[dict[str, Any]], p: d
         if exit_at is not None:
             rec["trace"]["exit_ms"] = round((end - exit_at) / 1e6, 1)
             rec["trace"]["exit_cpu_ms"] = cpu_breakdown(trace, exit_at, end, roles)["cpu_ms"]
+        thread_exits = rec["trace"]["daemon_thread_exits_ms"]
+        if thread_exits:
+            # The first thread to go is the one that called os._exit.
+            rec["trace"]["exit_from_first_thread_ms"] = round((end - first[0]) / 1e6 - thread_exits[0], 1)
 
     # -- plug back in, check the container, remount, check the data
     t0 = time.monotonic()

@@ -14,7 +14,8 @@ from pathlib import Path
 from kryptvault.container.header import KIND_TOKEN_PASSWORD, SLOT_COUNT, Header, Keyslot
 from kryptvault.container.keyslots import TokenFactor, derive_password_kek, seal_slot, sign_header, subkey
 from kryptvault.container.layout import Layout
-from kryptvault.crypto.kdf import Argon2Params, argon2id
+from kryptvault.crypto.kdf import argon2id
+from kryptvault.crypto.kdf_params import Argon2Params
 from kryptvault.crypto.secret import Secret
 
 INPUTS = {
