@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import threading
 import time
@@ -209,7 +210,11 @@ class _Writer:
             if self._free:
                 return self._free.pop()
             self._nbuf += 1
-        return memoryview(bytearray(_WRITE_BATCH_BYTES + 16))
+        # An anonymous mapping, not a bytearray: bytearray zero-fills, so every buffer
+        # would be 4 MiB resident after the first small write, and a lock's exit tears
+        # down every resident page (under TCG ~8 ms for the two). Untouched pages of a
+        # mapping cost nothing until a large write fills them.
+        return memoryview(mmap.mmap(-1, _WRITE_BATCH_BYTES + 16))
 
     def submit(self) -> None:
         """Hand the run collected so far to the I/O thread."""

@@ -42,9 +42,9 @@ QEMU = "qemu-system-x86_64"
 # vCPUs of the guest (multi-threaded TCG, one host thread each). Two, like any machine
 # with a USB port: with one, the kernel's USB teardown, the test's own listener and writer
 # and the vault daemon all queue for a single emulated CPU during an unplug. Measured on
-# the 2-core host (tests/test_e2e_unplug.py, 20 pulls): remove uevent -> locked p50 100 /
-# p99 208 ms with 2 vCPUs against p50 187-203 / p99 327-474 ms with 1, and the whole
-# unplug test ran in 200 s instead of 230 s. KRYPTVAULT_USBRIG_CPUS=1 measures the old way.
+# the 2-core host (tests/test_e2e_unplug.py, 20 pulls, both with the 64 MiB translation
+# cache of the time): remove uevent -> locked p50 100 / p99 208 ms with 2 vCPUs against
+# p50 187-203 / p99 327-474 ms with 1. KRYPTVAULT_USBRIG_CPUS=1 measures the old way.
 GUEST_CPUS = int(os.environ.get("KRYPTVAULT_USBRIG_CPUS", "2"))
 # TCG's translation cache, in MiB. The guest's kernel, Python and libraries translate to
 # ~140 MiB of host code; with a 64 MiB cache QEMU flushed it 36 times during the 20 pulls
