@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -72,15 +71,13 @@ class DirectoryWatch:
     guest's vCPUs while the guest measures its lock latency; inotify costs nothing while
     it waits. `wait()` also returns after `timeout` s, so a missed event only costs time."""
 
+    _IN_CLOSE_WRITE = 0x008  # linux/inotify.h
     _IN_MOVED_TO = 0x080
-    _IN_CLOSE_WRITE = 0x008
     _IN_CREATE = 0x100
-    _IN_NONBLOCK = os.O_NONBLOCK
-    _IN_CLOEXEC = os.O_CLOEXEC
 
     def __init__(self, directory: Path) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        self._fd = libc.inotify_init1(self._IN_NONBLOCK | self._IN_CLOEXEC)
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self._fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
         mask = self._IN_MOVED_TO | self._IN_CLOSE_WRITE | self._IN_CREATE

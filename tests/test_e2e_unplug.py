@@ -176,7 +176,6 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         if "trace" in rec:
             row["cpu_ms"] = rec["trace"]["cpu_ms"]
             row["process_exit_ms"] = rec["trace"].get("exit_ms")
-            row["os_exit_to_pid_gone_ms"] = rec["trace"].get("exit_from_first_thread_ms")
             row["exit_cpu_ms"] = rec["trace"].get("exit_cpu_ms")
             row["daemon_thread_exits_ms"] = rec["trace"].get("daemon_thread_exits_ms")
         cycles.append(row)
@@ -204,7 +203,6 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
                 "remove_to_pid_gone_ms",
                 "remove_to_block_remove_ms",
                 "process_exit_ms",
-                "os_exit_to_pid_gone_ms",
             )
         },
         "lock_steps_ms": {

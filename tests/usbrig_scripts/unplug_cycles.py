@@ -443,10 +443,6 @@ def _one_cycle(guest: Any, rec: dict[str, Any], logs: list[dict[str, Any]], p: d
         if exit_at is not None:
             rec["trace"]["exit_ms"] = round((end - exit_at) / 1e6, 1)
             rec["trace"]["exit_cpu_ms"] = cpu_breakdown(trace, exit_at, end, roles)["cpu_ms"]
-        thread_exits = rec["trace"]["daemon_thread_exits_ms"]
-        if thread_exits:
-            # The first thread to go is the one that called os._exit.
-            rec["trace"]["exit_from_first_thread_ms"] = round((end - first[0]) / 1e6 - thread_exits[0], 1)
 
     # -- plug back in, check the container, remount, check the data
     t0 = time.monotonic()
