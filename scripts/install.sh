@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
 # Installs everything kryptvault and its test suite need on a fresh Debian/Ubuntu machine:
 # system packages, then the package with its test extras into ./.venv.
+#   --system-packages-only   stop after the system packages (e.g. for a CI image layer)
+# Another apt run (unattended-upgrades, cloud-init, a second terminal) holding apt's locks
+# is waited for, up to APT_LOCK_WAIT seconds (default 600), instead of failing at once.
 set -euo pipefail
+SYSTEM_ONLY=""
+for arg in "$@"; do
+  case "$arg" in
+    --system-packages-only) SYSTEM_ONLY=1 ;;
+    *) echo "install.sh: unknown option $arg (known: --system-packages-only)" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
@@ -13,11 +23,40 @@ PKGS=(
   qemu-system-x86 busybox-static         # tests: the QEMU guest with an emulated USB stick
   gocryptfs                              # bench: the peer we compare with
   git rsync sqlite3 tar                  # tests: real programs on the mount
+  acl                                    # tests: getfacl/setfacl on the mount
   udev                                   # tests: udev rules loaded by udevd in the QEMU guest
 )
+APT_LOCK_WAIT="${APT_LOCK_WAIT:-600}"
+apt_get() {
+  # apt itself waits for the dpkg lock (DPkg::Lock::Timeout), but `update` ignores that
+  # option for the package lists' lock (apt 2.6 still fails at once): that one is retried
+  # here. LC_ALL=C: the lock message is matched, and it is translated otherwise.
+  local deadline=$((SECONDS + APT_LOCK_WAIT)) err told=""
+  while :; do
+    if err=$($SUDO env LC_ALL=C DEBIAN_FRONTEND=noninteractive \
+        apt-get -o DPkg::Lock::Timeout="$APT_LOCK_WAIT" "$@" 2>&1 >/dev/null); then
+      if [ -n "$err" ]; then printf '%s\n' "$err" >&2; fi
+      return 0
+    fi
+    if [[ "$err" == *"Could not get lock"* ]] && [ "$SECONDS" -lt "$deadline" ]; then
+      if [ -z "$told" ]; then
+        echo "install.sh: another apt run holds a lock; waiting for it (at most ${APT_LOCK_WAIT} s)" >&2
+        told=1
+      fi
+      sleep 2
+      continue
+    fi
+    printf '%s\n' "$err" >&2
+    return 1
+  done
+}
 if command -v apt-get >/dev/null; then
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${PKGS[@]}" >/dev/null
+  apt_get update -qq
+  apt_get install -y -qq --no-install-recommends "${PKGS[@]}"
+fi
+if [ -n "$SYSTEM_ONLY" ]; then
+  echo "system packages installed"
+  exit 0
 fi
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner, Result
+from needs import require_fuse
 
 from kryptvault.cli.commands import cli
 
@@ -64,17 +63,16 @@ def make_vault(tmp: Path, password: str = PASSWORD, name: str = "vault.kv") -> V
 
 def mounted_vault_and_dest(tmp: Path) -> tuple[VaultFixture, Path, Path]:
     """A fresh vault mounted on tmp/mnt with the real CLI, and an empty tmp/dest directory.
-    Skips the test where FUSE cannot mount; the caller locks (`run_process("lock", mnt)`)."""
-    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
-        pytest.skip("needs /dev/fuse and fusermount3")
+    Without FUSE the test skips (fails under CI=true); with it, a mount that fails is a
+    failure. The caller locks (`run_process("lock", mnt)`)."""
+    require_fuse()
     vault = make_vault(tmp)
     mnt = tmp / "mnt"
     mnt.mkdir()
     dest = tmp / "dest"
     dest.mkdir()
     mounted = run_process("mount", vault.container, mnt, *vault.pw())
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount here: {mounted.stderr.strip()}")
+    assert mounted.returncode == 0, mounted.stderr
     return vault, mnt, dest
 
 

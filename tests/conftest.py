@@ -34,6 +34,13 @@ for _name, _value in SESSION_ENV.items():
     os.environ[_name] = _value
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked `fuse` without FUSE here: skipped, or failed under CI=true (needs.py)."""
+    from needs import pytest_runtest_setup as check_needs
+
+    check_needs(item)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_session() -> Iterator[Path]:
     """Locks whatever the suite left mounted (only the suite's own daemons are reachable

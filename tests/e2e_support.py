@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
+from needs import qemu_opt_out
 from usbrig.rig import GuestProcess, RigError, Stick, UsbRig
 
 GUEST_SCRIPTS = Path(__file__).resolve().parent / "usbrig_scripts"
@@ -231,8 +231,7 @@ def booted_guest(
 
     `env` goes to the helper and so to every kryptvault process (CLI and daemons).
     """
-    if os.environ.get("KRYPTVAULT_SKIP_QEMU") == "1":
-        pytest.skip("KRYPTVAULT_SKIP_QEMU=1")
+    qemu_opt_out()
     with UsbRig(workdir, sticks) as rig:
         kv = KvGuest(rig, env)
         kv.start()

@@ -68,7 +68,7 @@ def pattern(seed: int, n: int) -> bytes:
 
 
 def _seal_into(self, nonce, plaintext, aad, out) -> None:  # type: ignore[no-untyped-def]
-    self._cipher.encrypt_into(nonce, plaintext, aad, out)
+    self._cipher().encrypt_into(nonce, plaintext, aad, out)
 
 
 def _open_into(self, nonce, sealed, aad, out) -> None:  # type: ignore[no-untyped-def]
@@ -77,7 +77,7 @@ def _open_into(self, nonce, sealed, aad, out) -> None:  # type: ignore[no-untype
     from kryptvault.crypto.aead import AuthenticationFailed
 
     try:
-        self._cipher.decrypt_into(nonce, sealed, aad, out)
+        self._cipher().decrypt_into(nonce, sealed, aad, out)
     except InvalidTag:
         raise AuthenticationFailed("authentication failed") from None
 

@@ -379,3 +379,42 @@ def test_log_follow_prints_new_entries_until_interrupted(state_home: Path) -> No
         assert proc.wait(10) == 0
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_commands_other_than_mount_back_off_and_audit_failed_unlocks(tmp_path: Path) -> None:
+    """passwd and fsck (any command that unlocks) pay the back-off and leave
+    `unlock_failed`; a right password resets the count and leaves `unlock_ok`."""
+    from cli_helpers import make_vault, write_password_file
+
+    from kryptvault.session.paths import state_dir
+
+    vault = make_vault(tmp_path)
+    vault_uuid = uuid.UUID(vault.uuid)
+    bad = write_password_file(tmp_path / "bad", "not the password at all")
+    new = write_password_file(tmp_path / "new", "another good password")
+    wrong = ["--token", str(vault.token), "--password-file", str(bad)]
+
+    first = run_process("passwd", vault.container, *wrong, "--new-password-file", new)
+    assert first.returncode == 1 and "wrong password or wrong token" in first.stderr
+    assert_clean_error(first.stderr)
+    assert Backoff().failures(vault_uuid) == 1
+    started = time.monotonic()
+    second = run_process("fsck", vault.container, *wrong)
+    waited = time.monotonic() - started
+    assert second.returncode == 1 and "wrong password or wrong token" in second.stderr
+    assert_clean_error(second.stderr)  # the wait is announced on a terminal only
+    assert waited >= 1.0  # an unlock with the test's 8 MiB Argon2 takes well under that
+    assert Backoff().failures(vault_uuid) == 2
+
+    entries = list(read_entries(state_dir() / "audit.jsonl", vault=vault_uuid))
+    failed = [e for e in entries if e["event"] == "unlock_failed"]
+    assert len(failed) == 2 and all(e["method"] == "token+password" for e in failed)
+    assert "not the password" not in (state_dir() / "audit.jsonl").read_text()
+
+    started = time.monotonic()
+    ok = run_process("recovery-key", "add", vault.container, *vault.pw())
+    assert ok.returncode == 0, ok.stderr
+    assert time.monotonic() - started >= 2.0  # the second failure doubled the wait
+    assert Backoff().failures(vault_uuid) == 0
+    last = list(read_entries(state_dir() / "audit.jsonl", vault=vault_uuid))[-1]
+    assert last["event"] == "unlock_ok" and last["slot"] == 0

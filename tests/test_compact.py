@@ -105,9 +105,13 @@ def test_compaction_shrinks_to_live_size_and_keeps_everything(
     stats = run_compact(v, dest)
     assert stats.bytes_before == size_before  # type: ignore[attr-defined]
     assert stats.bytes_after == dest.stat().st_size  # type: ignore[attr-defined]
-    # tightly packed: the live units and a few table re-seals, nothing like 45 MiB
-    assert stats.bytes_after <= LAYOUT.unit_offset(live) + 64 * 1024  # type: ignore[attr-defined]
-    assert stats.bytes_after < 6 * MIB  # type: ignore[attr-defined]
+    # tightly packed: the live units and a few table re-seals, nothing like 45 MiB. Each
+    # metadata block (table, indirect and directory blocks) has a second copy at copy 1's
+    # offset in another chunk (FORMAT.md §4.2): a small block can leave up to a chunk
+    # free before it, and the table re-seals come in pairs; a handful of chunks here.
+    slack = 8 * BS
+    assert stats.bytes_after <= LAYOUT.unit_offset(live) + slack  # type: ignore[attr-defined]
+    assert stats.bytes_after < 6.5 * MIB  # type: ignore[attr-defined]
     assert dest.read_bytes()[:32768] == v.path.read_bytes()[:32768]  # both header copies
 
     store = v.open(dest, read_only=True)
@@ -115,7 +119,7 @@ def test_compaction_shrinks_to_live_size_and_keeps_everything(
         assert not store.open_damage
         assert store_snapshot(store) == raw  # every object, same oid, attrs, both streams
         s = store.statfs()
-        assert s.free_units * US < 64 * 1024
+        assert s.free_units * US < slack
         assert store.generation > old.summary.generation
     finally:
         store.close()

@@ -7,7 +7,10 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +27,7 @@ from kryptvault.session.control import (
     ControlClient,
     ControlServer,
     DaemonNotRunningError,
+    NoAnswerError,
     PeerCred,
     list_sockets,
     socket_path_for,
@@ -404,6 +408,73 @@ def test_client_says_in_one_line_that_no_daemon_runs(short_tmp: Path) -> None:
     with pytest.raises(DaemonNotRunningError) as missing:
         ControlClient(short_tmp / f"{VAULT}.sock").request("status")
     assert "\n" not in str(missing.value) and VAULT in str(missing.value)
+
+
+# A server in a process of its own: `end` answers and then ends the process at once (as
+# a lock does), `die` ends it before answering (a daemon killed or locked by another route).
+ENDING_SERVER = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from kryptvault.session.control import AfterReply, ControlServer
+
+    def end(args, peer):
+        return AfterReply({"ending": True}, lambda: os._exit(7))
+
+    def die(args, peer):
+        os._exit(9)
+
+    ControlServer(Path(sys.argv[1]), {"end": end, "die": die}, None).start()
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def _ending_server(path: Path) -> subprocess.Popen[str]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", ENDING_SERVER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    child.stdout.close()
+    return child
+
+
+def test_an_op_that_ends_the_process_still_gets_its_answer_to_the_client(run_dir: Path) -> None:
+    path = run_dir / f"{VAULT}.sock"
+    for _ in range(5):
+        child = _ending_server(path)
+        try:
+            assert ControlClient(path, timeout=10).request("end") == {"ending": True, "ok": True}
+            assert child.wait(10) == 7  # the action ran, after the answer
+        finally:
+            child.kill()
+            child.wait()
+
+
+def test_the_action_after_the_answer_runs_even_if_the_client_left_first(run_dir: Path) -> None:
+    path = run_dir / f"{VAULT}.sock"
+    child = _ending_server(path)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(path))
+            sock.sendall(b'{"op":"end"}\n')
+        assert child.wait(10) == 7
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_client_tells_a_connection_closed_without_an_answer_apart(run_dir: Path) -> None:
+    path = run_dir / f"{VAULT}.sock"
+    child = _ending_server(path)
+    try:
+        with pytest.raises(NoAnswerError, match="closed the connection without answering"):
+            ControlClient(path, timeout=10).request("die")
+        assert child.wait(10) == 9
+    finally:
+        child.kill()
+        child.wait()
 
 
 # ---------------------------------------------------------------------- audit

@@ -12,16 +12,11 @@ import random
 from pathlib import Path
 
 import pytest
-from fs_fixtures import Mount, close_store, have_fuse, mkfs_container, open_store, real_store_available
+from fs_fixtures import Mount, close_store, mkfs_container, open_store
 
 from kryptvault.fs import Filesystem, FsError
 
-pytestmark = [
-    pytest.mark.fuse,
-    pytest.mark.slow,
-    pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse"),
-    pytest.mark.skipif(not real_store_available(), reason="ObjectStore not available yet"),
-]
+pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
 CRASH_ENV = "KRYPTVAULT_TEST_CRASH_AFTER_WRITES"
 FILES = [f"d{i % 3}/f{i}" for i in range(12)]

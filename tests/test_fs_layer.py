@@ -1,4 +1,4 @@
-"""kryptvault.fs semantics without FUSE, over the in-memory store and (if present) the real one."""
+"""kryptvault.fs semantics without FUSE, over the in-memory store and the real one."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fs_fixtures import MemoryStore, close_store, new_store, open_store, real_store_available
+from fs_fixtures import MemoryStore, close_store, new_store, open_store
 
 from kryptvault.fs import (
     RENAME_EXCHANGE,
@@ -338,7 +338,6 @@ def test_statfs(fs: Filesystem) -> None:
     assert s.namemax == 255 and s.blocks == 1 << 20 and 0 < s.bfree <= s.blocks
 
 
-@pytest.mark.skipif(not real_store_available(), reason="ObjectStore not available yet")
 def test_real_store_persistence(tmp_path: Path) -> None:
     path = tmp_path / "c.kv"
     store = new_store(path)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fs_fixtures import mdir_fixture, shared_mount_fixture  # noqa: F401  (fixtures)
+from needs import require_tool
 
 pytestmark = pytest.mark.fuse
 
@@ -52,8 +53,8 @@ def diff_r(a: Path, b: Path) -> None:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
 
-@pytest.mark.skipif(not shutil.which("git"), reason="git not installed")
 def test_git(mdir: Path, tmp_path: Path) -> None:
+    require_tool("git")
     repo = mdir / "repo"
     repo.mkdir()
     run("git", "init", "-q", "-b", "main", cwd=repo)
@@ -101,8 +102,8 @@ def test_tar_extract(mdir: Path, tmp_path: Path) -> None:
     assert os.listdir(mdir) == []
 
 
-@pytest.mark.skipif(not shutil.which("rsync"), reason="rsync not installed")
 def test_rsync(mdir: Path, tmp_path: Path) -> None:
+    require_tool("rsync")
     src = tmp_path / "src"
     src.mkdir()
     make_tree(src, 800)
@@ -150,8 +151,8 @@ def test_sqlite_module(mdir: Path) -> None:
     con.close()
 
 
-@pytest.mark.skipif(not shutil.which("sqlite3"), reason="sqlite3 CLI not installed")
 def test_sqlite_cli(mdir: Path) -> None:
+    require_tool("sqlite3")
     script = "CREATE TABLE t(a, b);\nBEGIN;\n" + "".join(
         f"INSERT INTO t VALUES({i}, '{'v' * (i % 100)}');\n" for i in range(1000)
     ) + "COMMIT;\nVACUUM;\nPRAGMA integrity_check;\nSELECT count(*) FROM t;\n"

@@ -153,6 +153,22 @@ def block_run(store: ObjectStore, oid: int, stream: int, level: int, index: int)
     return unit, units
 
 
+def copy_units(store: ObjectStore, oid: int, stream: int, level: int, index: int) -> list[int]:
+    """First unit of each copy of a block: metadata blocks have two (FORMAT.md §4.2)."""
+    s = store._table if oid == 0 else store._stream(oid, stream)
+    unit, _units, flags = fmt.unpack_pointer(store._ptr_of(s, level, index))[:3]
+    ditto = flags - 0x10000 if flags & 0x8000 else flags
+    return [unit, unit + ditto * (BS // US)] if ditto else [unit]
+
+
+def locate_copies(v: Vault, oid: int, stream: int, level: int, index: int) -> list[int]:
+    store = v.open(read_only=True)
+    try:
+        return copy_units(store, oid, stream, level, index)
+    finally:
+        store.close()
+
+
 def flip_byte(path: Path, unit: int, offset: int = 100) -> None:
     fd = os.open(path, os.O_RDWR)
     try:
@@ -485,8 +501,8 @@ def test_damaged_symlink_is_removed_and_logged(tmp_path: Path) -> None:
 def test_damaged_directory_reports_its_subtree_and_repair_relinks_it(tmp_path: Path) -> None:
     tree = build(tmp_path)
     v = tree.vault
-    unit, _ = locate(v, tree.ino["/docs"], 0, 0, 0)
-    flip_byte(v.path, unit, 20)
+    for unit in locate_copies(v, tree.ino["/docs"], 0, 0, 0):  # both copies of the names
+        flip_byte(v.path, unit, 20)
 
     report = check_path(v)
     k = kinds(report)
@@ -535,8 +551,8 @@ def test_large_directory_resynchronises_after_a_damaged_block(tmp_path: Path) ->
     fs.close()
     store.close()
     assert size > 2 * BS  # three blocks
-    unit, _ = locate(v, d, 0, 0, 1)
-    flip_byte(v.path, unit, 0)
+    for unit in locate_copies(v, d, 0, 0, 1):
+        flip_byte(v.path, unit, 0)
 
     report = check_path(v)
     (dd,) = kinds(report)["damaged-directory"]
@@ -675,8 +691,10 @@ def test_object_table_damage_is_rebuilt_into_a_new_container(tmp_path: Path) -> 
     store.close()
     lost = {n for n, o in files.items() if 256 <= o < 512}
     assert lost and len(lost) < 300
-    unit, _ = locate(v, 0, 0, 0, 1)  # table block 1: oids 256..511
-    flip_byte(v.path, unit, 300)
+    copies = locate_copies(v, 0, 0, 0, 1)  # table block 1: oids 256..511
+    assert len(copies) == 2
+    for unit in copies:  # one copy alone loses nothing (test_one_bad_copy_...)
+        flip_byte(v.path, unit, 300)
 
     store = v.open()
     assert store.read_only and store.open_damage
@@ -715,8 +733,8 @@ def test_indirect_block_damage_in_a_large_sparse_file_salvages_the_rest(tmp_path
     v = tree.vault
     sparse = tree.ino["/sparse"]
     # level-1 block 0 maps data blocks 0..1637 (the first 102 MiB): holds offsets 0 and 70 MiB
-    unit, _ = locate(v, sparse, 0, 1, 0)
-    flip_byte(v.path, unit, 7)
+    for unit in locate_copies(v, sparse, 0, 1, 0):
+        flip_byte(v.path, unit, 7)
     report = check_path(v)
     assert report.needs_rebuild
     (p,) = kinds(report)["damaged-data"]
@@ -811,8 +829,10 @@ def test_cli_fsck_clean_damaged_repaired(tmp_path: Path) -> None:
     assert [p["paths"] for p in record["report"]["problems"]] == [["/hurt.bin"]]
 
     proc = run_process("fsck", fx.container, *fx.pw(), "--repair")
-    assert proc.returncode == 1, proc.stderr
-    assert "moved /hurt.bin to /lost+found/" in proc.stdout and "after repair: clean" in proc.stdout
+    assert proc.returncode == 3, proc.stderr  # repaired, but a file left its name
+    assert "moved /hurt.bin to /lost+found/" in proc.stdout
+    assert "after repair: clean" not in proc.stdout
+    assert "after repair: consistent, but 1 moved to /lost+found" in proc.stdout
 
     proc = run_process("fsck", fx.container, *fx.pw())
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -831,18 +851,22 @@ def test_cli_fsck_repair_rebuilds_and_keeps_the_damaged_original(tmp_path: Path)
         keys = store_keys(unlocked.master, unlocked.vault_uuid)
         fd = os.open(fx.container, os.O_RDONLY)
         store = ObjectStore.open(fd, unlocked.header.layout, unlocked.vault_uuid, keys.data, keys.meta)
-        unit = block_run(store, 0, 0, 0, 0)[0]
+        units = copy_units(store, 0, 0, 0, 0)
         store.close()
         os.close(fd)
         keys.wipe()
-    flip_byte(fx.container, unit, 5)
+    assert len(units) == 2
+    for unit in units:
+        flip_byte(fx.container, unit, 5)
     header = fx.container.read_bytes()[:32768]
 
     result = run_cli("fsck", fx.container, *fx.pw(), "--repair", "--json")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 3, result.output  # the files are gone: said, and exit 3
     record = json.loads(result.output)
     assert record["report"]["needs_rebuild"] is True
     assert record["repair"]["rebuilt"] is True
+    assert record["repair"]["lost_anything"] is True
+    assert record["repair"]["lost_objects"] >= 3
     assert record["after_repair"]["clean"] is True
     damaged = Path(record["repair"]["damaged_copy"])
     assert damaged.exists() and damaged.name.startswith("vault.kv.damaged-")
@@ -893,8 +917,10 @@ def test_cli_fsck_reports_and_rewrites_a_damaged_header_copy(tmp_path: Path) -> 
 def test_damaged_root_directory_sends_everything_to_lost_and_found(tmp_path: Path) -> None:
     tree = build(tmp_path)
     v = tree.vault
-    unit, _ = locate(v, 1, 0, 0, 0)
-    zero_unit(v.path, unit)
+    copies = locate_copies(v, 1, 0, 0, 0)
+    assert len(copies) == 2  # a directory's blocks are metadata: two copies
+    for unit in copies:
+        zero_unit(v.path, unit)
     report = check_path(v)
     (d,) = kinds(report)["damaged-directory"]
     assert d.paths[0] == "/"
@@ -913,3 +939,48 @@ def test_damaged_root_directory_sends_everything_to_lost_and_found(tmp_path: Pat
         new = f"/lost+found/#{tree.ino['/' + top]}" + (f"/{rest}" if rest else "")
         assert after[new][1:] == (content, xattrs), path
         assert after[new][0].ino == s.ino  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("copy", [0, 1])
+def test_one_bad_copy_of_an_object_table_block_loses_no_name(tmp_path: Path, copy: int) -> None:
+    tree = build(tmp_path)
+    v = tree.vault
+    store = v.open()
+    fs = Filesystem(store)
+    bulk = fs.mkdir(1, b"bulk", 0o755, 0, 0).ino
+    for i in range(300):
+        write_file(fs, bulk, f"f{i:03d}".encode(), rand(2000 + i, 3000))
+    fs.commit()
+    tree.before = snapshot(fs)
+    fs.close()
+    store.close()
+    for block in (0, 1):  # the root's inode and oids 256..511
+        zero_unit(v.path, locate_copies(v, 0, 0, 0, block)[copy])
+
+    report = check_path(v)
+    assert not report.clean and not report.needs_rebuild
+    assert set(kinds(report)) == {"damaged-copy"}, report.problems
+    assert {p.oid for p in report.problems} == {0} and len(report.problems) == 2
+    assert mounted_snapshot(v) == tree.before  # every name, inode and byte
+    _, rr = repair_in_place(v)
+    assert any("rewrote 2 metadata block(s)" in a for a in rr.actions) and not rr.lost_anything
+    after = check_path(v)
+    assert after.clean and after.problems == []
+    assert mounted_snapshot(v) == tree.before
+
+
+def test_one_bad_copy_of_a_directory_block_loses_no_name(tmp_path: Path) -> None:
+    tree = build(tmp_path)
+    v = tree.vault
+    for path, offset in (("/", 0), ("/docs", 20)):
+        copies = locate_copies(v, tree.ino.get(path, 1), 0, 0, 0)
+        assert len(copies) == 2
+        flip_byte(v.path, copies[0 if path == "/" else 1], offset)
+    report = check_path(v)
+    assert set(kinds(report)) == {"damaged-copy"}, report.problems
+    assert {p.oid for p in report.problems} == {1, tree.ino["/docs"]}
+    assert mounted_snapshot(v) == tree.before  # every name under / and /docs
+    _, rr = repair_in_place(v)
+    assert not rr.lost_anything and any("rewrote 2 metadata block(s)" in a for a in rr.actions)
+    assert check_path(v).clean
+    assert mounted_snapshot(v) == tree.before

@@ -245,3 +245,150 @@ def test_failed_creation_leaves_no_partial_file(tmp_path: Path) -> None:
     with pytest.raises(KryptvaultError, match="no space left"):
         create_container(path, first_slot, failing_store)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- forged copies, through the CLI
+
+
+def _forge_copy_a(
+    container: Path, edits: dict[int, bytes] | None = None, raise_sequence: bool = True
+) -> None:
+    """A key-less edit of copy A done as FORMAT.md §2 lets anyone do it: raise its sequence
+    (offset 32, u64 big-endian) above copy B's, apply `edits` (offset -> bytes), and
+    recompute the checksum = SHA-256(bytes [0, 16352)) at offset 16352. The MAC stays."""
+    import hashlib
+    import struct
+
+    raw = container.read_bytes()
+    (seq_b,) = struct.unpack_from(">Q", raw, HEADER_OFFSETS[1] + 32)
+    copy = bytearray(raw[HEADER_OFFSETS[0] : HEADER_OFFSETS[0] + HEADER_COPY_SIZE])
+    if raise_sequence:
+        struct.pack_into(">Q", copy, 32, seq_b + 2)
+    for offset, data in (edits or {}).items():
+        copy[offset : offset + len(data)] = data
+    copy[16352:] = hashlib.sha256(copy[:16352]).digest()
+    with open(container, "r+b") as f:
+        f.seek(HEADER_OFFSETS[0])
+        f.write(copy)
+    read = read_container_header(container, allow_disagreement=True)
+    assert read.copy_index == (0 if raise_sequence else 1) and not read.damaged  # both look valid
+
+
+def test_a_forged_newest_header_copy_falls_back_to_the_intact_one_and_fsck_repairs_it(
+    tmp_path: Path,
+) -> None:
+    from cli_helpers import make_vault, run_process
+
+    vault = make_vault(tmp_path)
+    _forge_copy_a(vault.container)
+
+    # fsck without --repair: opens (through copy B), reports copy A, exits 1, changes nothing.
+    before = vault.container.read_bytes()
+    check = run_process("fsck", vault.container, *vault.pw())
+    assert check.returncode == 1, check.stderr
+    assert "copy A (failed authentication)" in check.stdout and "opened with copy B" in check.stdout
+    assert vault.container.read_bytes() == before
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.path.exists("/dev/fuse"):
+        mounted = run_process("mount", vault.container, mnt, *vault.pw())
+        assert mounted.returncode == 0, mounted.stderr
+        assert "copy A" in mounted.stderr  # warned, with the way out
+        try:
+            (mnt / "f").write_text("written through copy B's keys\n")
+        finally:
+            assert run_process("lock", mnt).returncode == 0
+
+    repaired = run_process("fsck", "--repair", vault.container, *vault.pw())
+    assert repaired.returncode == 1, repaired.stderr
+    assert "rewrote both header copies from copy B" in repaired.stdout
+    assert "after repair: clean" in repaired.stdout
+    read = read_container_header(vault.container)
+    assert not read.damaged and not read.others[0][1].sequence > read.header.sequence
+    again = run_process("fsck", vault.container, *vault.pw())
+    assert again.returncode == 0 and "clean" in again.stdout
+
+
+@pytest.mark.parametrize("raise_sequence", [True, False], ids=["forged-copy-newest", "forged-copy-older"])
+def test_an_edited_vault_uuid_in_one_copy_opens_through_the_other_and_fsck_repairs_it(
+    tmp_path: Path, raise_sequence: bool
+) -> None:
+    """Copies naming different vaults are each tried on their own: the one that
+    authenticates wins, the other is damage; key-less commands say the copies disagree."""
+    from cli_helpers import assert_clean_error, make_vault, run_process
+
+    vault = make_vault(tmp_path)
+    forged = uuid.uuid4()
+    _forge_copy_a(vault.container, {16: forged.bytes}, raise_sequence)
+
+    info = run_process("info", vault.container)
+    assert info.returncode == 0, info.stderr
+    assert "the two header copies disagree about the vault" in info.stderr
+    assert f"copy A says {forged}" in info.stderr and f"copy B says {vault.uuid}" in info.stderr
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    backup = run_process("backup", vault.container, dest)  # key-less: it cannot tell which is genuine
+    assert backup.returncode == 1 and "disagree about the vault" in backup.stderr
+    assert_clean_error(backup.stderr)
+    assert list(dest.iterdir()) == []
+
+    if os.path.exists("/dev/fuse"):
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        mounted = run_process("mount", vault.container, mnt, *vault.pw())
+        assert mounted.returncode == 0, mounted.stderr
+        assert f"copy A (names another vault, {forged})" in mounted.stderr
+        try:
+            (mnt / "f").write_text("kept\n")
+        finally:
+            assert run_process("lock", mnt).returncode == 0
+
+    check = run_process("fsck", vault.container, *vault.pw())
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert f"copy A (names another vault, {forged})" in check.stdout and "opened with copy B" in check.stdout
+    repaired = run_process("fsck", "--repair", vault.container, *vault.pw())
+    assert repaired.returncode == 1, repaired.stdout + repaired.stderr
+    assert "rewrote both header copies from copy B" in repaired.stdout
+    assert "after repair: clean" in repaired.stdout
+    again = run_process("fsck", vault.container, *vault.pw())
+    assert again.returncode == 0 and "clean" in again.stdout, again.stdout
+    read = read_container_header(vault.container)  # strict: the copies agree again
+    assert {str(h.vault_uuid) for _, h in read.copies()} == {vault.uuid}
+    assert "disagree" not in run_process("info", vault.container).stderr
+
+
+def test_a_forged_keyslot_in_the_newest_copy_falls_back_to_the_other_copy(tmp_path: Path) -> None:
+    from cli_helpers import make_vault, run_process
+
+    vault = make_vault(tmp_path)
+    _forge_copy_a(vault.container, {64 + 76: bytes(48)})  # slot 0's wrapped key (§3.2)
+    check = run_process("fsck", vault.container, *vault.pw())
+    assert check.returncode == 1, check.stderr
+    assert "copy A (no keyslot opens it)" in check.stdout
+    repaired = run_process("fsck", "--repair", vault.container, *vault.pw())
+    assert repaired.returncode == 1 and "after repair: clean" in repaired.stdout, repaired.stdout
+    assert run_process("fsck", vault.container, *vault.pw()).returncode == 0
+
+
+def test_non_zero_reserved_bytes_are_reported_and_zeroed_by_repair(tmp_path: Path) -> None:
+    """FORMAT.md §1/§4.6: the commit slots' padding and the 24 KiB before the data area are zero."""
+    from cli_helpers import make_vault, run_process
+
+    from kryptvault.container.layout import COMMIT_OFFSETS, DATA_AREA_OFFSET
+
+    vault = make_vault(tmp_path)
+    with open(vault.container, "r+b") as f:
+        f.seek(COMMIT_OFFSETS[1] + 4000)
+        f.write(b"\x01")
+        f.seek(DATA_AREA_OFFSET - 1)
+        f.write(b"\xff")
+    note = read_container_header(vault.container).damage_note() or ""
+    assert "padding of commit slot 1 is not zero" in note and "reserved area" in note
+    check = run_process("fsck", vault.container, *vault.pw())
+    assert check.returncode == 1 and "padding of commit slot 1 is not zero" in check.stdout, check.stdout
+    repaired = run_process("fsck", "--repair", vault.container, *vault.pw())
+    assert repaired.returncode == 1 and "zeroed the padding of commit slot 1" in repaired.stdout
+    assert "after repair: clean" in repaired.stdout, repaired.stdout
+    assert read_container_header(vault.container).damage_note() is None
+    assert run_process("fsck", vault.container, *vault.pw()).returncode == 0

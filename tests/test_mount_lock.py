@@ -3,19 +3,25 @@ with files held open and a writer running — no plaintext readable afterwards."
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 from cli_helpers import VaultFixture, assert_clean_error, make_vault, run_process
+
+from kryptvault.session.control import daemon_socket_for
 
 pytestmark = pytest.mark.fuse
 
@@ -256,3 +262,151 @@ def test_foreground_mount_locks_on_ctrl_c(vault: VaultFixture) -> None:
     proc.wait(timeout=20)
     assert not os.path.ismount(mnt)
     assert proc.returncode == 0
+
+
+class _LockInterceptor:
+    """Stands on a real daemon's control socket path (the daemon's own socket moved aside):
+    it passes every request on and every answer back, but closes the client's connection
+    right after a `lock` request without its answer: what `kryptvault lock` sees when the
+    daemon exits before answering. `then` runs on the lock request instead of passing it
+    on, when given (e.g. kill the daemon: no lock at all)."""
+
+    def __init__(self, vault_uuid: str, container: Path, then: Callable[[], None] | None = None) -> None:
+        path = daemon_socket_for(vault_uuid, container)  # one socket per container file
+        assert path is not None
+        self.path = path
+        self.real = self.path.with_name(self.path.name + ".moved")  # not *.sock: not listed
+        self.then = then
+        self.lock_requests = 0
+        os.rename(self.path, self.real)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(self.path))
+        os.chmod(self.path, 0o600)
+        self.listener.listen(8)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError, ValueError):
+                conn.settimeout(20)
+                request = conn.makefile("rb").readline()
+                is_lock = json.loads(request).get("op") == "lock"
+                if is_lock and self.then is not None:
+                    self.lock_requests += 1
+                    self.then()
+                    continue
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as daemon:
+                    daemon.settimeout(20)
+                    daemon.connect(str(self.real))
+                    daemon.sendall(request)
+                    if is_lock:
+                        self.lock_requests += 1
+                        continue  # the client's connection closes, unanswered
+                    conn.sendall(daemon.makefile("rb").readline())
+
+    def close(self) -> None:
+        self.listener.close()
+        for path in (self.path, self.real):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+@pytest.fixture
+def interceptors() -> Iterator[list[_LockInterceptor]]:
+    made: list[_LockInterceptor] = []
+    yield made
+    for interceptor in made:
+        interceptor.close()
+
+
+def test_lock_succeeds_truthfully_when_the_daemon_locks_and_exits_before_answering(
+    vault: VaultFixture, interceptors: list[_LockInterceptor]
+) -> None:
+    mnt = vault.dir / "mnt"
+    assert _mount(vault).returncode == 0
+    (mnt / "f").write_text("kept")
+    pid = _daemon_pid(vault)
+    interceptor = _LockInterceptor(vault.uuid, vault.container)
+    interceptors.append(interceptor)
+    locked = run_process("lock", mnt)
+    assert interceptor.lock_requests == 1
+    assert locked.returncode == 0, locked.stderr
+    assert locked.stdout == f"locked vault {vault.uuid} ({mnt}) (the daemon exited before answering)\n"
+    assert not os.path.ismount(mnt) and not _alive(pid)
+    entries = [json.loads(x) for x in run_process("log", "--json", "--vault", vault.uuid).stdout.splitlines()]
+    assert [e["reason"] for e in entries if e["event"] == "lock"] == ["command"]
+
+
+def test_lock_fails_when_the_daemon_dies_unanswered_and_leaves_a_dead_mount(
+    vault: VaultFixture, interceptors: list[_LockInterceptor]
+) -> None:
+    mnt = vault.dir / "mnt"
+    assert _mount(vault).returncode == 0
+    pid = _daemon_pid(vault)
+    interceptors.append(
+        _LockInterceptor(vault.uuid, vault.container, then=lambda: os.kill(pid, signal.SIGKILL))
+    )
+    locked = run_process("lock", mnt)
+    assert locked.returncode == 1, locked.stdout
+    assert_clean_error(locked.stderr)
+    assert "without locking" in locked.stderr and "dead mount" in locked.stderr
+    assert "locked vault" not in locked.stdout
+    with pytest.raises(OSError) as dead:
+        os.statvfs(mnt)  # not stat: the kernel may answer that from its cache
+    assert dead.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    interceptors[0].close()
+    cleaned = run_process("lock", mnt)  # the way the message names
+    assert cleaned.returncode == 0 and not os.path.ismount(mnt), cleaned.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_ten_locks_under_full_cpu_load_each_get_the_daemons_answer(tmp_path: Path) -> None:
+    """A loaded machine once let the lock end the daemon before its answer was sent."""
+    vaults = []
+    for i in range(10):
+        directory = tmp_path / f"v{i}"
+        directory.mkdir()
+        vault = make_vault(directory)
+        (directory / "mnt").mkdir()
+        assert _mount(vault).returncode == 0
+        vaults.append(vault)
+    busy = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)
+    ]
+    results = []
+    try:
+        for vault in vaults:
+            results.append((vault, run_process("lock", vault.dir / "mnt")))
+    finally:
+        for child in busy:
+            child.kill()
+            child.wait()
+        for vault in vaults:
+            if os.path.ismount(vault.dir / "mnt") or _stale(vault.dir / "mnt"):
+                subprocess.run(["umount", "-l", str(vault.dir / "mnt")], check=False)
+    for vault, locked in results:
+        assert locked.returncode == 0, locked.stderr
+        assert locked.stdout == f"locked vault {vault.uuid} ({vault.dir / 'mnt'})\n"
+        assert not os.path.ismount(vault.dir / "mnt")
+
+
+def test_a_lock_leaves_no_socket_or_lock_file_of_the_vault_behind(vault: VaultFixture) -> None:
+    mnt = vault.dir / "mnt"
+    assert _mount(vault).returncode == 0
+    pid = _daemon_pid(vault)
+    assert run_process("lock", mnt).returncode == 0
+    _wait_gone(mnt, pid)
+    run_dir = Path(os.environ["XDG_RUNTIME_DIR"]) / "kryptvault"
+    assert [p.name for p in run_dir.iterdir() if vault.uuid in p.name] == []

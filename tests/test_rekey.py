@@ -8,11 +8,21 @@ import json
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import FAST_KDF, PASSWORD, VaultFixture, make_vault, run_cli, run_process
+from cli_helpers import (
+    FAST_KDF,
+    PASSWORD,
+    VaultFixture,
+    assert_clean_error,
+    make_vault,
+    run_cli,
+    run_process,
+    write_password_file,
+)
 from test_fsck import rand, read_file, snapshot, write_file
 
 from kryptvault.container.commit import read_latest_commit
@@ -24,22 +34,30 @@ from kryptvault.crypto.secret import Secret
 from kryptvault.errors import AuthenticationError, IntegrityError, KryptvaultError
 from kryptvault.fs import Filesystem
 from kryptvault.session.unlock import Unlocked, unlock_container
+from kryptvault.token.share import share_path
 
 FILES = {b"small": rand(1, 3000), b"big": rand(2, 3 * (1 << 20) + 123), b"empty": b""}
 
 
-def _unlock(container: Path, token: Path, recovery_file: Path | None = None) -> Unlocked:
+NEW_PASSWORD = "a brand new rekey password"
+
+
+def _unlock(
+    container: Path, token: Path, recovery_file: Path | None = None, password: str = PASSWORD
+) -> Unlocked:
     return unlock_container(
         container,
         token_spec=str(token),
-        ask_password=lambda: Secret.from_bytes(PASSWORD.encode()),
+        ask_password=lambda: Secret.from_bytes(password.encode()),
         ask_recovery_key=(lambda: Secret.from_bytes(recovery_file.read_bytes())) if recovery_file else None,
     )
 
 
 @contextlib.contextmanager
-def _fs(container: Path, token: Path, read_only: bool = False) -> Iterator[Filesystem]:
-    with _unlock(container, token) as unlocked:
+def _fs(
+    container: Path, token: Path, read_only: bool = False, password: str = PASSWORD
+) -> Iterator[Filesystem]:
+    with _unlock(container, token, password=password) as unlocked:
         keys = store_keys(unlocked.master, unlocked.vault_uuid)
         fd = os.open(container, os.O_RDONLY if read_only else os.O_RDWR)
         try:
@@ -113,10 +131,11 @@ def test_rekey_reencrypts_everything_and_keeps_only_the_unlocking_slot(
         old_seq = old.header.sequence
         old_master = old.master.copy()
 
-    proc = run_process("rekey", vault.container, *vault.pw())
+    new_pw = write_password_file(tmp_path / "new-pw", NEW_PASSWORD)
+    proc = run_process("rekey", vault.container, *vault.pw(), "--new-password-file", new_pw)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "kept slot 0" in out
+    assert "kept slot 0" in out and "new token share" in out
     assert "dropped slot 1: recovery" in out and "dropped slot 2: token+password" in out
     assert "token add" in out and "recovery-key add" in out
     assert "old keys" in out
@@ -124,14 +143,15 @@ def test_rekey_reencrypts_everything_and_keeps_only_the_unlocking_slot(
     assert seq > old_seq
     assert not list(tmp_path.glob(".vault.kv.kv-*"))
 
-    # Only slot 0 survives; the same password + token open it, with a new master key.
+    # Only slot 0 survives; the token (new share) + the new password open it, with a new
+    # master key.
     assert [s["slot"] for s in _slots(vault.container)] == [0]
-    with _unlock(vault.container, vault.token) as new:
+    with _unlock(vault.container, vault.token, password=NEW_PASSWORD) as new:
         assert new.slot == 0 and new.header.sequence == seq
         assert new.vault_uuid == old.vault_uuid
         assert not new.master.equals(old_master)
     # Files byte-identical (stat, content, xattrs, symlinks).
-    with _fs(vault.container, vault.token, read_only=True) as fs:
+    with _fs(vault.container, vault.token, read_only=True, password=NEW_PASSWORD) as fs:
         assert snapshot(fs) == before
         d = fs.lookup(1, b"dir")
         for name, data in FILES.items():
@@ -179,9 +199,9 @@ def test_rekey_reencrypts_everything_and_keeps_only_the_unlocking_slot(
     old_master.wipe()
 
     # The rekeyed vault keeps working: write, reopen, fsck clean.
-    with _fs(vault.container, vault.token) as fs:
+    with _fs(vault.container, vault.token, password=NEW_PASSWORD) as fs:
         write_file(fs, 1, b"after", b"new data")
-    fsck = run_cli("fsck", vault.container, *vault.pw())
+    fsck = run_cli("fsck", vault.container, "--token", vault.token, "--password-file", new_pw)
     assert fsck.exit_code == 0, fsck.output
 
 
@@ -247,3 +267,78 @@ def test_a_wrong_password_changes_nothing(vault: VaultFixture, tmp_path: Path) -
     assert result.exit_code != 0
     assert vault.container.read_bytes() == before
     assert not list(tmp_path.glob(".vault.kv.kv-*"))
+
+
+def test_rekey_evicts_a_copied_share_and_the_old_password(vault: VaultFixture, tmp_path: Path) -> None:
+    """The case rekey is for: someone copied the token's share file and knows the password."""
+    vault_uuid = uuid.UUID(vault.uuid)
+    stolen = tmp_path / "stolen"  # a directory token holding a copy of the share file
+    stolen.mkdir()
+    shutil.copy2(share_path(vault.token, vault_uuid), share_path(stolen, vault_uuid))
+    with _unlock(vault.container, stolen):
+        pass  # the copy works before the rekey, as a copy of the token would
+    old_share = share_path(vault.token, vault_uuid).read_bytes()
+
+    new_pw = write_password_file(tmp_path / "new-pw", NEW_PASSWORD)
+    proc = run_process("rekey", vault.container, *vault.pw(), "--new-password-file", new_pw)
+    assert proc.returncode == 0, proc.stderr
+
+    # The token got a new share file (atomically replaced, nothing pending left).
+    assert share_path(vault.token, vault_uuid).read_bytes() != old_share
+    assert not share_path(vault.token, vault_uuid, pending=True).exists()
+    assert not [p for p in vault.token.iterdir() if ".tmp-" in p.name]
+    for token, password in ((stolen, PASSWORD), (stolen, NEW_PASSWORD), (vault.token, PASSWORD)):
+        with pytest.raises(AuthenticationError):
+            _unlock(vault.container, token, password=password)
+    with _fs(vault.container, vault.token, read_only=True, password=NEW_PASSWORD) as fs:
+        assert read_file(fs, fs.lookup(fs.lookup(1, b"dir"), b"small")) == FILES[b"small"]
+
+
+def test_rekey_refuses_a_weak_or_unchanged_new_password_and_changes_nothing(
+    vault: VaultFixture, tmp_path: Path
+) -> None:
+    before = vault.container.read_bytes()
+    share = share_path(vault.token, uuid.UUID(vault.uuid))
+    share_before = share.read_bytes()
+    for text, message in (("short", "too short"), (PASSWORD, "the new password is the old one")):
+        new_pw = write_password_file(tmp_path / "new-pw", text)
+        proc = run_process("rekey", vault.container, *vault.pw(), "--new-password-file", new_pw)
+        assert proc.returncode != 0
+        assert_clean_error(proc.stderr)
+        assert message in proc.stderr
+    # Without a terminal and without --new-password-*, it cannot ask: refused, not guessed.
+    proc = run_process("rekey", vault.container, *vault.pw())
+    assert proc.returncode != 0 and "no terminal" in proc.stderr
+    assert vault.container.read_bytes() == before
+    assert share.read_bytes() == share_before
+
+
+def test_a_rekey_interrupted_between_container_and_share_still_opens(
+    vault: VaultFixture, tmp_path: Path
+) -> None:
+    """The states a crash can leave: the old container with a pending new share, and the
+    new container with the old share file plus the pending new share. Both open, and the
+    second one finishes the swap."""
+    vault_uuid = uuid.UUID(vault.uuid)
+    main, pending = share_path(vault.token, vault_uuid), share_path(vault.token, vault_uuid, pending=True)
+    old_container = tmp_path / "old.kv"
+    shutil.copy2(vault.container, old_container)
+    old_share = main.read_bytes()
+    new_pw = write_password_file(tmp_path / "new-pw", NEW_PASSWORD)
+    proc = run_process("rekey", vault.container, *vault.pw(), "--new-password-file", new_pw)
+    assert proc.returncode == 0, proc.stderr
+    new_share = main.read_bytes()
+
+    # Crash before the container was renamed: old container, old share, new one pending.
+    main.write_bytes(old_share)
+    pending.write_bytes(new_share)
+    with _unlock(old_container, vault.token) as unlocked:
+        assert unlocked.slot == 0
+    assert main.read_bytes() == old_share and pending.exists()
+
+    # Crash after the rename, before the share file was replaced.
+    with _unlock(vault.container, vault.token, password=NEW_PASSWORD) as unlocked:
+        assert unlocked.slot == 0
+    assert main.read_bytes() == new_share and not pending.exists()
+    with _unlock(vault.container, vault.token, password=NEW_PASSWORD):
+        pass

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from cli_helpers import assert_clean_error, make_vault, run_process
 
+from kryptvault.token.records import read_records
+
 pytestmark = pytest.mark.fuse
 
 
 def _share_generation(token: Path, vault_uuid: str) -> int:
-    raw = (token / f"{vault_uuid}.kvshare").read_bytes()
-    return int.from_bytes(raw[64:72], "big")
+    """The token's rollback record of the vault's original lineage (docs/TOKEN.md)."""
+    return read_records(token, uuid.UUID(vault_uuid)).get(bytes(16))
+
+
+def _lineages(token: Path, vault_uuid: str) -> int:
+    return len(read_records(token, uuid.UUID(vault_uuid)).entries)
 
 
 def test_an_older_container_is_refused_until_the_rollback_is_accepted(tmp_path: Path) -> None:
@@ -49,7 +56,10 @@ def test_an_older_container_is_refused_until_the_rollback_is_accepted(tmp_path: 
     accepted = run_process("mount", vault.container, mnt, *vault.pw(), "--accept-rollback")
     assert accepted.returncode == 0, accepted.stderr
     assert (mnt / "state.txt").read_text() == "version one\n"
-    assert _share_generation(vault.token, vault.uuid) < seen  # the token now follows the restore
+    # The record of the old lineage is never lowered: the mount forked the restored
+    # container into a lineage of its own, with a record of its own.
+    assert _share_generation(vault.token, vault.uuid) == seen
+    assert _lineages(vault.token, vault.uuid) == 2
     assert run_process("lock", mnt).returncode == 0
     again = run_process("mount", vault.container, mnt, *vault.pw())
     assert again.returncode == 0, again.stderr  # no false alarm after accepting

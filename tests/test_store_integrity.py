@@ -24,6 +24,17 @@ def _block_offset(store: ObjectStore, oid: int, stream: int, level: int, index: 
     return DEFAULT.unit_offset(unit), units * DEFAULT.unit_size
 
 
+def _copy_offsets(store: ObjectStore, oid: int, stream: int, level: int, index: int) -> list[int]:
+    """File offsets of every copy of a block (metadata has two, FORMAT.md §4.2)."""
+    s = store._table if oid == 0 else store._stream(oid, stream)
+    unit, _units, flags, _n, _t = fmt.unpack_pointer(store._ptr_of(s, level, index))
+    assert unit, "block is a hole"
+    units = [unit]
+    if flags:
+        units.append(unit + (flags - 0x10000 if flags & 0x8000 else flags) * (BS // DEFAULT.unit_size))
+    return [DEFAULT.unit_offset(u) for u in units]
+
+
 def _flip(path, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -67,12 +78,14 @@ def test_flipped_data_block_fails_only_its_range(tmp_path) -> None:
     vault.close_fds()
 
 
-def test_flipped_indirect_block_opens_read_only(tmp_path) -> None:
+def test_indirect_block_with_both_copies_flipped_opens_read_only(tmp_path) -> None:
     vault, store, (a, b, _c) = _setup(tmp_path)
     assert store._stream(a, 0).depth == 1
-    off, _n = _block_offset(store, a, 0, 1, 0)
+    offs = _copy_offsets(store, a, 0, 1, 0)
+    assert len(offs) == 2
     store.close()
-    _flip(vault.path, off + 7)
+    for off in offs:
+        _flip(vault.path, off + 7)
     store = vault.open()
     assert [(d.oid, d.level, d.index) for d in store.open_damage] == [(a, 1, 0)]
     assert store.read_only
@@ -88,7 +101,7 @@ def test_flipped_indirect_block_opens_read_only(tmp_path) -> None:
     vault.close_fds()
 
 
-def test_flipped_object_table_block(tmp_path) -> None:
+def test_object_table_block_with_both_copies_flipped(tmp_path) -> None:
     vault = Vault(tmp_path / "c")
     store = vault.create()
     per_block = BS // fmt.ENTRY_SIZE
@@ -96,9 +109,11 @@ def test_flipped_object_table_block(tmp_path) -> None:
         oid = store.allocate_oid()
         store.write(oid, 0, 0, b"file %d" % oid)
     store.commit()
-    off, _n = _block_offset(store, 0, 0, 0, 1)  # entries 256..511
+    offs = _copy_offsets(store, 0, 0, 0, 1)  # entries 256..511
+    assert len(offs) == 2
     store.close()
-    _flip(vault.path, off + 3)
+    for off in offs:
+        _flip(vault.path, off + 3)
     store = vault.open()
     assert [(d.oid, d.level, d.index) for d in store.open_damage] == [(0, 0, 1)]
     assert store.read(5, 0, 0, 100) == b"file 5"
@@ -239,4 +254,64 @@ def test_wrong_block_size_in_header_is_format_error(tmp_path) -> None:
     vault.layout = Layout(block_size=32768)
     with pytest.raises(FormatError):
         vault.open()
+    vault.close_fds()
+
+
+def test_metadata_copies_lie_in_different_halves_of_the_container(tmp_path) -> None:
+    vault, store, (a, b, c) = _setup(tmp_path, files=3, blocks=40)
+    # A later transaction, as in any vault in use: copy-on-write has freed the first
+    # metadata blocks (near the start), and the data went to the end of the file.
+    store.write(b, 0, 0, pattern(c, 40 * BS))  # frees b's first blocks at the commit
+    store.commit()
+    store.write(a, 0, 5 * BS, b"changed")
+    store.commit()
+    half = os.path.getsize(vault.path) // 2
+    for where in ((0, 0, 0, 0), (a, 0, 1, 0)):
+        first, second = _copy_offsets(store, *where)
+        assert (first < half) != (second < half), (where, first, second, half)
+        size = _block_offset(store, *where)[1]
+        with open(vault.path, "rb") as f:
+            f.seek(first)
+            one = f.read(size)
+            f.seek(second)
+            assert f.read(size) == one  # the same ciphertext: one nonce, one tag
+    store.close()
+    vault.close_fds()
+
+
+@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("damage", ["flip", "zero"])
+def test_one_bad_copy_of_an_indirect_or_table_block_loses_nothing(tmp_path, which: int, damage: str) -> None:
+    vault, store, oids = _setup(tmp_path)
+    a = oids[0]
+    targets = [(a, 0, 1, 0), (0, 0, 0, 0)]
+    offs = {t: _copy_offsets(store, *t)[which] for t in targets}
+    sizes = {t: _block_offset(store, *t)[1] for t in targets}
+    store.close()
+    with open(vault.path, "r+b") as f:
+        for t, off in offs.items():
+            if damage == "flip":
+                f.seek(off + 9)
+                b = f.read(1)
+                f.seek(off + 9)
+                f.write(bytes([b[0] ^ 1]))
+            else:
+                f.seek(off)
+                f.write(bytes(sizes[t]))
+    store = vault.open()
+    assert store.open_damage == [] and not store.read_only
+    for i, oid in enumerate(oids):
+        assert store.read(oid, 0, 0, 5 * BS) == pattern(oid, 5 * BS)
+        assert store.read(oid, 1, 0, 100) == b"aux %d" % i
+    assert store.verify() == []  # nothing lost
+    assert sorted((d.oid, d.stream, d.level, d.index) for d in store.bad_copies) == sorted(targets)
+    assert all(f"copy {which + 1}" in d.reason for d in store.bad_copies)
+    assert store.rewrite_bad_copies() == 2
+    store.commit()
+    store.close()
+    store = vault.open()
+    assert store.verify() == [] and store.bad_copies == []
+    for oid in oids:
+        assert store.read(oid, 0, 0, 5 * BS) == pattern(oid, 5 * BS)
+    store.close()
     vault.close_fds()

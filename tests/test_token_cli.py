@@ -38,7 +38,7 @@ def test_backup_token_opens_alone_and_a_revoked_token_no_longer_does(tmp_path: P
         "token", "remove", vault.container, "0", "--token", backup, "--password-file", vault.password_file
     )
     assert removed.returncode == 0, removed.stderr
-    assert "Old copies" in removed.stdout
+    assert "Old header copies" in removed.stdout and "kryptvault rekey" in removed.stdout
     assert not _opens(vault.container, vault.token, vault.password_file)
     assert _opens(vault.container, backup, vault.password_file)
 

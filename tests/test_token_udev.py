@@ -27,11 +27,13 @@ def test_a_stick_gets_access_rules_once_and_a_guard_per_vault() -> None:
         'SUBSYSTEM=="usb", ENV{DEVTYPE}=="usb_device", ATTR{idVendor}=="46f4", '
         'ATTR{idProduct}=="0001", ATTR{serial}=="TOKEN-1234", TAG+="uaccess"'
     )
-    assert lines[1] == 'SUBSYSTEM=="block", ENV{ID_SERIAL_SHORT}=="TOKEN-1234", TAG+="uaccess"'
+    assert lines[1] == (
+        'SUBSYSTEM=="block", ENV{ID_BUS}=="usb", ENV{ID_SERIAL_SHORT}=="TOKEN-1234", TAG+="uaccess"'
+    )
     guards = lines[2:]
     assert len(guards) == 2
     for line, vault in zip(guards, (VAULT_A, VAULT_B), strict=True):
-        assert 'ENV{ID_SERIAL_SHORT}=="TOKEN-1234"' in line
+        assert 'ENV{ID_BUS}=="usb", ENV{ID_SERIAL_SHORT}=="TOKEN-1234"' in line
         assert f'ENV{{SYSTEMD_ALIAS}}+="/sys/subsystem/kryptvault/{vault.hex}"' in line
         assert f'ENV{{SYSTEMD_USER_WANTS}}+="kryptvault-guard@{vault.hex}.service"' in line
         # Wants= are acted on only when a device appears, so the guard is pulled in on
@@ -82,3 +84,19 @@ def test_every_rendered_value_is_from_the_safe_alphabet() -> None:
     text = render_rules([(STICK, VAULT_A)])
     for value in re.findall(r'=="([^"]*)"', text):
         assert re.fullmatch(r"[A-Za-z0-9._-]+", value)
+
+
+def test_block_rules_match_only_removable_buses_never_any_disk_with_that_serial_or_uuid() -> None:
+    """An internal ATA/NVMe disk has an ID_SERIAL_SHORT and any disk can carry a copied
+    filesystem UUID: every block rule names the bus (usb, or mmc for a built-in SD reader)."""
+    fs = TokenIdentity("fs", fs_uuid="1234-ABCD")
+    lines = rule_lines(render_rules([(STICK, VAULT_A), (fs, VAULT_B)]))
+    block = [line for line in lines if 'SUBSYSTEM=="block"' in line]
+    assert len(block) == 4  # stick uaccess, stick guard, fs guard on usb, fs guard on mmc
+    for line in block:
+        assert 'ENV{ID_BUS}=="usb"' in line or 'SUBSYSTEMS=="mmc"' in line, line
+    fs_lines = [line for line in block if "1234-ABCD" in line]
+    assert [('ENV{ID_BUS}=="usb"' in x, 'SUBSYSTEMS=="mmc"' in x) for x in fs_lines] == [
+        (True, False),
+        (False, True),
+    ]

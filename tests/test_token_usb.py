@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import usb.backend
 import usb.core
+from needs import require_tool
 
 from kryptvault.errors import TokenError
 from kryptvault.token import (
@@ -353,11 +354,11 @@ def test_superblocks_of_fat32_fat16_and_exfat_give_the_volume_id() -> None:
     assert parse_superblock(b"") is None
 
 
-@pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs mkfs.ext4 (e2fsprogs)")
 def test_an_ext4_superblock_gives_the_same_uuid_as_mkfs_was_told(tmp_path: Path) -> None:
+    mkfs = require_tool("mkfs.ext4", "e2fsprogs")
     img = tmp_path / "ext4.img"
     fs_uuid = str(uuid.uuid4())
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-U", fs_uuid, str(img), "8M"], check=True, capture_output=True)
+    subprocess.run([mkfs, "-q", "-F", "-U", fs_uuid, str(img), "8M"], check=True, capture_output=True)
     info = parse_superblock(img.read_bytes()[:2048])
     assert info is not None and (info.uuid, info.fs_type) == (fs_uuid, "ext4")
     assert probe_filesystem(str(img), str(tmp_path)).uuid == fs_uuid

@@ -12,7 +12,6 @@ stamp process's arrival times vs the time on_removed ran.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 import time
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from needs import qemu_opt_out
 from usbrig.rig import UEVENT_STAMP, Stick, UsbRig, make_vfat_image
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -59,8 +59,7 @@ watcher.stop()
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UsbRig]:
-    if os.environ.get("KRYPTVAULT_SKIP_QEMU") == "1":
-        pytest.skip("KRYPTVAULT_SKIP_QEMU=1")
+    qemu_opt_out()
     workdir = tmp_path_factory.mktemp("watcher-rig")
     make_vfat_image(workdir / "stick0.img")
     with UsbRig(workdir, [Stick("stick0", SERIAL, workdir / "stick0.img", port=1)]) as r:

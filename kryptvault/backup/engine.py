@@ -69,11 +69,14 @@ from kryptvault.backup.setdir import (
     load_state,
     open_increment,
     set_for_backup,
+    set_lineage,
+    write_set_lineage,
 )
-from kryptvault.backup.source import ControlHold, LiveHold, Source, open_source
+from kryptvault.backup.source import LiveHold, Source, open_source
 from kryptvault.container.groups import GroupGeometry, changed_chunks_since, decode_descriptor
 from kryptvault.container.layout import COMMIT_OFFSETS, COMMIT_SLOT_SIZE, DATA_AREA_OFFSET, Layout
 from kryptvault.errors import IntegrityError, KryptvaultError, UsageError
+from kryptvault.session.lineages import known_lineage
 
 DEFAULT_KEEP = 7
 DIFF_UNIT = 4096
@@ -239,6 +242,10 @@ def read_descriptors(read: Callable[[int, int], bytes], layout: Layout, size: in
         group += 1
 
 
+class HistoryMismatch(KryptvaultError):
+    """The container is not a later state of the copy in the backup set."""
+
+
 def max_generation(descriptors: Descriptors) -> int:
     return max((max(d) for d in descriptors if d is not None and len(d)), default=0)
 
@@ -400,7 +407,7 @@ def run_backup(
     strategy: str = "auto",
     progress: Progress | None = None,
     live_hold: LiveHold | None = None,
-    find_daemon: Callable[[uuid.UUID], LiveHold | None] = ControlHold.for_vault,
+    find_daemon: Callable[[uuid.UUID], LiveHold | None] | None = None,
     clock: Callable[[], int] = time.time_ns,
 ) -> BackupResult:
     """Back CONTAINER up into DEST (first time: full copy; then incremental)."""
@@ -423,10 +430,15 @@ def run_backup(
                 state = load_state(set_path, src.vault_uuid)
                 notes = recover(state, hook)
                 state = load_state(set_path, src.vault_uuid)
+                known = known_lineage(Path(container), src.vault_uuid)
+                if state.manifests:
+                    _refuse_other_lineage(Path(container), state, known, rescan)
                 if not state.manifests:
                     result = _full_backup(src, state, temps, progress, clock)
                 else:
                     result = _incremental(src, state, temps, strategy, rescan, progress, clock)
+                if known is not None and known != set_lineage(set_path):
+                    write_set_lineage(set_path, known)  # a new set, or --full: now its history
                 result.notes[:0] = notes
                 result.pruned = _prune(load_state(set_path, src.vault_uuid), keep, hook)
                 result.versions = load_state(set_path, src.vault_uuid).versions
@@ -439,6 +451,22 @@ def run_backup(
         temps.cleanup()
     result.seconds = time.monotonic() - started
     return result
+
+
+def _refuse_other_lineage(container: Path, state: SetState, known: bytes | None, rescan: bool) -> None:
+    """A container known (from its mounts here) to be of another lineage than the set's
+    versions is another history of the same vault: never mixed in silently."""
+    theirs = set_lineage(state.path)
+    if known is None or known == theirs or rescan:
+        return
+
+    def name(lineage: bytes) -> str:
+        return "the original lineage" if lineage == bytes(16) else f"lineage {lineage.hex()[:12]}"
+    raise HistoryMismatch(
+        f"{container} is {name(known)} of vault {state.vault_uuid} but the backup set "
+        f"{state.path} holds {name(theirs)}: its versions would mix two histories; back it up "
+        "to a destination of its own, or, if it now replaces the vault, pass --full"
+    )
 
 
 def _generation(src: Source, descriptors: Descriptors) -> tuple[int, bool]:
@@ -544,9 +572,14 @@ def _incremental(src: Source, state: SetState, temps: _Temps, strategy: str, res
             problem = _continuity_problem(descriptors, old_descriptors, old_size, layout, since, src_max,
                                           previous)
             if problem is not None:
-                rescan = True
-                notes.append(f"the container does not continue the last backup ({problem}); "
-                             "compared the whole container")
+                # A restored or forked copy (same UUID, another history): its versions would
+                # mix with the vault's, and --keep would prune the vault's. Only an explicit
+                # --full (the vault itself was replaced by a restored copy) goes on.
+                raise HistoryMismatch(
+                    f"{src.path} does not continue the history of the backup set {state.path} "
+                    f"({problem}): it is a restored or forked copy of the vault; back it up to a "
+                    "destination of its own, or, if it now replaces the vault, pass --full"
+                )
             else:
                 ranges = changed_chunks_since(src.fd, layout, since)
                 src.count(len(descriptors) * layout.block_size)

@@ -31,6 +31,49 @@ MANIFEST_RE = re.compile(r"v(\d{8,})\.manifest")
 INCREMENT_RE = re.compile(r"v(\d{8,})\.kvinc")
 
 
+LINEAGE = "lineage"  # the lineage id (32 hex digits) of a set made from a fork; absent: the original
+
+
+def set_lineage(path: Path) -> bytes:
+    """Whose history the set holds: the lineage its versions were made from, as far as
+    the machines that wrote them knew (docs/BACKUP.md §9). Absent: the original."""
+    try:
+        text = (path / LINEAGE).read_text().strip()
+        lineage = bytes.fromhex(text)
+    except FileNotFoundError:
+        return bytes(16)
+    except (OSError, ValueError) as exc:
+        raise KryptvaultError(f"cannot read {path / LINEAGE}: {exc}")
+    if len(lineage) != 16:
+        raise KryptvaultError(f"{path / LINEAGE} does not hold a lineage id")
+    return lineage
+
+
+def write_set_lineage(path: Path, lineage: bytes) -> None:
+    """Atomically; the original lineage is the file's absence."""
+    target = path / LINEAGE
+    try:
+        if lineage == bytes(16):
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+        else:
+            tmp = path / f"{TMP_PREFIX}lineage"
+            tmp.write_text(lineage.hex() + "\n")
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise os_error("write the lineage of", path, exc)
+
+
 def parse_uuid(name: str) -> uuid.UUID | None:
     try:
         value = uuid.UUID(name)
@@ -176,6 +219,8 @@ def load_state(path: Path, vault_uuid: uuid.UUID) -> SetState:
             state.increments.add(int(m.group(1)))
         elif name == CURRENT:
             state.has_current = True
+        elif name == LINEAGE:
+            pass
         elif name.startswith(TMP_PREFIX):
             state.temps.append(name)
         else:

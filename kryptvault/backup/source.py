@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kryptvault.backup.fsutil import os_error, read_exact
-from kryptvault.container.header import Header, decode_header, read_header
+from kryptvault.container.header import Header, decode_header, read_header, vaults_disagree
 from kryptvault.container.layout import DATA_AREA_OFFSET, HEADER_COPY_SIZE, HEADER_OFFSETS, Layout
 from kryptvault.container.store import ObjectStore
 from kryptvault.errors import FormatError, KryptvaultError, UsageError
-from kryptvault.session.control import ControlClient, socket_path_for
+from kryptvault.session.control import ControlClient, daemon_socket_for
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,12 @@ class ControlHold:
         self._client = client
 
     @classmethod
-    def for_vault(cls, vault_uuid: uuid.UUID) -> ControlHold | None:
-        """The mount daemon serving this vault, if its control socket is there; else None."""
-        path = socket_path_for(vault_uuid)
-        if not path.exists():
+    def for_container(cls, vault_uuid: uuid.UUID, container: Path) -> ControlHold | None:
+        """The mount daemon serving this container file, if its control socket is there;
+        else None. Never another copy's daemon (same UUID): its hold and generation would
+        describe another file than the one read."""
+        path = daemon_socket_for(vault_uuid, container)
+        if path is None or not path.exists():
             return None
         return cls(ControlClient(path))
 
@@ -142,6 +144,9 @@ def header_from_area(area: bytes) -> Header:
             reasons.append(str(exc))
     if not found:
         raise FormatError("both header copies are damaged: " + "; ".join(reasons))
+    disagreement = vaults_disagree([(i, h) for i, h in enumerate(found)]) if len(found) == 2 else None
+    if disagreement is not None:
+        raise FormatError(disagreement)  # the set is chosen by UUID: never by a forged one
     return max(found, key=lambda h: h.sequence)
 
 
@@ -211,7 +216,7 @@ class Source:
 
 @contextlib.contextmanager
 def open_source(path: Path, live_hold: LiveHold | None = None,
-                find_daemon: Callable[[uuid.UUID], LiveHold | None] = ControlHold.for_vault,
+                find_daemon: Callable[[uuid.UUID], LiveHold | None] | None = None,
                 ) -> Iterator[Source]:
     """Open CONTAINER for a backup. With `live_hold` (or when the container is mounted and
     its daemon answers on the control socket) the backup is live; otherwise the container
@@ -229,7 +234,8 @@ def open_source(path: Path, live_hold: LiveHold | None = None,
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 vault = read_header(fd).header.vault_uuid
-                hold = find_daemon(vault)
+                hold = (find_daemon(vault) if find_daemon is not None
+                        else ControlHold.for_container(vault, path))
                 if hold is None:
                     raise KryptvaultError(
                         f"{path} is mounted and its mount daemon offers no live backup; "

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from kryptvault.backup.setdir import describe_versions
 from kryptvault.backup.verify import verify_blocks, verify_set
 from kryptvault.cli.app import cli
 from kryptvault.cli.options import UnlockArgs, container_argument, unlock_options
+from kryptvault.cli.progress import Progress
 from kryptvault.cli.units import human_size
 from kryptvault.container.vault import read_container_header
 from kryptvault.crypto.secret import harden_process
@@ -32,43 +32,6 @@ json_option = click.option(
 
 
 human = human_size
-
-
-class Progress:
-    """A one-line progress bar on stderr (bytes, rate, ETA), only on a terminal."""
-
-    def __init__(self, label: str, enabled: bool) -> None:
-        self.label = label
-        self.enabled = enabled and sys.stderr.isatty()
-        self.started = time.monotonic()
-        self.last = 0.0
-        self.shown = False
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self.last < 0.1 and (not total or done < total):
-            return
-        self.last = now
-        elapsed = max(now - self.started, 1e-6)
-        rate = done / elapsed
-        line = f"{self.label}: {human(done)}"
-        if total:
-            width = 24
-            filled = min(width, int(width * done / total)) if total else 0
-            eta = (total - done) / rate if rate > 0 else 0.0
-            line = (
-                f"{self.label}: [{'#' * filled}{'.' * (width - filled)}] {human(done)} / {human(total)}"
-                f"  {human(rate)}/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
-            )
-        click.echo("\r" + line.ljust(100)[:100], nl=False, err=True)
-        self.shown = True
-
-    def finish(self) -> None:
-        if self.shown:
-            click.echo("\r" + " " * 100 + "\r", nl=False, err=True)
-            self.shown = False
 
 
 def _audit(event: str, vault: str | None, **fields: object) -> None:
@@ -121,8 +84,9 @@ def backup() -> None:
     "--full",
     "rescan",
     is_flag=True,
-    help="Read and compare the whole container instead of trusting its change tables "
-    "(after restoring the vault from an older copy).",
+    help="Read and compare the whole container instead of trusting its change tables; "
+    "also lets a container restored over the vault continue the vault's backup set "
+    "(a container with another history is otherwise refused).",
 )
 @click.option(
     "--strategy",
@@ -291,6 +255,27 @@ def backup_list(dest: Path, as_json: bool) -> None:
             )
 
 
+def _fork_restored(target: Path, unlock: UnlockArgs) -> tuple[int, bytes]:
+    """Unlock the restored copy and give it a lineage of its own (docs/BACKUP.md)."""
+    from kryptvault.container.vault import store_keys
+    from kryptvault.session.rollback import fork_container
+    from kryptvault.session.unlock import unlock_container
+
+    unlocked = unlock_container(
+        target,
+        token_spec=unlock.token_spec,
+        ask_password=unlock.password_asker(),
+        ask_recovery_key=unlock.recovery_asker(),
+    )
+    with unlocked:
+        header = unlocked.header
+        keys = store_keys(unlocked.master, header.vault_uuid)
+    try:
+        return fork_container(target, header.layout, header.vault_uuid, keys.data, keys.meta)
+    finally:
+        keys.wipe()
+
+
 def _parse_version(text: str) -> int | None:
     if text in ("current", "latest", "newest"):
         return None
@@ -382,8 +367,17 @@ def verify(
 @backup_argument
 @click.argument("rest", nargs=-1, required=True, metavar="[VERSION] CONTAINER")
 @click.option("--force", is_flag=True, help="Overwrite an existing container file.")
+@click.option(
+    "--new-identity",
+    is_flag=True,
+    help="Fork the restored copy into a lineage of its own (unlocks it: token + password or "
+    "recovery key), so it is used beside the vault without any rollback alarm.",
+)
+@unlock_options
 @json_option
-def restore(backup: Path, rest: tuple[str, ...], force: bool, as_json: bool) -> None:
+def restore(
+    backup: Path, rest: tuple[str, ...], force: bool, new_identity: bool, unlock: UnlockArgs, as_json: bool
+) -> None:
     """Rebuild a version kept in BACKUP (default: the newest) into CONTAINER.
 
     VERSION is a number from 'kryptvault backup list' or 'current'. The container is
@@ -396,21 +390,43 @@ def restore(backup: Path, rest: tuple[str, ...], force: bool, as_json: bool) -> 
         version, target = _parse_version(rest[0]), Path(rest[1])
     else:
         raise UsageError("give BACKUP, optionally VERSION, and CONTAINER")
+    replacing = target.exists()
     bar = Progress("restore", not as_json)
     try:
         result = run_restore(backup, version, target, force=force, progress=bar)
     finally:
         bar.finish()
+    forked = _fork_restored(result.target, unlock) if new_identity else None
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        out = result.to_json()
+        if forked is not None:
+            out["forked_generation"], out["lineage"] = forked[0], forked[1].hex()
+        click.echo(json.dumps(out, indent=2))
         return
     which = "the newest version" if result.version == result.newest else "an older version"
     click.echo(
         f"restored version {result.version} ({which}, backed up {result.manifest.created_text}) "
         f"of vault {result.vault_uuid} to {result.target}"
     )
-    click.echo(
-        "  Its token has most likely seen a newer state of the vault: the first mount then needs "
-        "'kryptvault mount --accept-rollback'."
-    )
-    click.echo(f"  Back it up next with 'kryptvault backup --full {os.fspath(result.target)} DEST'.")
+    where = os.fspath(result.target)
+    if forked is not None:
+        click.echo(
+            f"  Forked into a lineage of its own ({forked[1].hex()[:12]}, generation {forked[0]}): "
+            "it mounts without --accept-rollback and never affects the vault's rollback records."
+        )
+    elif replacing:
+        click.echo(
+            "  Its token has most likely seen a newer state of the vault: the first mount then needs "
+            "'kryptvault mount --accept-rollback' (a writable mount forks it into a lineage of its own)."
+        )
+    else:
+        click.echo(
+            f"  To look into this copy without changing it: 'kryptvault mount {where} DIR --read-only "
+            "--accept-rollback'. To use it as a vault beside the live one, restore with --new-identity."
+        )
+    if replacing and forked is None:
+        click.echo(f"  Back it up next with 'kryptvault backup --full {where} DEST' (as the vault's "
+                   "new history: --full lets it continue the vault's backup set).")
+    else:
+        # A side copy's versions in the vault's set would be another history (BACKUP.md §9).
+        click.echo("  Back this copy up only to a destination of its own, not into the vault's backup set.")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -51,13 +53,31 @@ def _since(text: str | None) -> datetime.datetime | None:
         raise UsageError(f"--since: not an ISO-8601 time: {printable(text)[:60]!r} (e.g. 2026-11-30T11:20)")
 
 
-def _vault(text: str | None) -> uuid.UUID | None:
+_HEX = frozenset("0123456789abcdef")
+
+
+def _vault(text: str | None, path: Path) -> uuid.UUID | None:
+    """A full UUID, or the start of one: the short id `mount` and `df` show
+    (`kryptvault:abcd1234`) or any prefix, dashes optional, that only one vault in the
+    log has."""
     if text is None:
         return None
-    try:
+    with contextlib.suppress(ValueError):
         return uuid.UUID(text.strip())
-    except ValueError:
-        raise UsageError(f"--vault: not a vault UUID: {printable(text)[:60]!r}")
+    prefix = text.strip().lower().removeprefix("kryptvault:").replace("-", "")
+    if not prefix or not set(prefix) <= _HEX or len(prefix) > 32:
+        raise UsageError(f"--vault: not a vault UUID or the start of one: {printable(text)[:60]!r}")
+    known = set()
+    for entry in read_entries(path):
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            known.add(uuid.UUID(entry.get("vault")))
+    matches = sorted(str(v) for v in known if v.hex.startswith(prefix))
+    if not matches:
+        raise UsageError(f"--vault: no vault in the audit log has an id starting with {prefix}")
+    if len(matches) > 1:
+        shown = ", ".join(m[:13] + "…" for m in matches[:4]) + (", …" if len(matches) > 4 else "")
+        raise UsageError(f"--vault: {prefix} is the start of {len(matches)} vault ids ({shown}); give more")
+    return uuid.UUID(matches[0])
 
 
 def _print(entries: Iterable[dict[str, Any]], as_json: bool) -> None:
@@ -69,7 +89,13 @@ def _print(entries: Iterable[dict[str, Any]], as_json: bool) -> None:
 
 
 @cli.command("log")
-@click.option("--vault", "vault_text", metavar="UUID", help="Only entries about this vault.")
+@click.option(
+    "--vault",
+    "vault_text",
+    metavar="ID",
+    help="Only entries about this vault: its UUID, or a unique start of it such as the short id "
+    "that mount and df show (kryptvault:abcd1234).",
+)
 @click.option(
     "--since", "since_text", metavar="ISO", help="Only entries at or after this time (local unless given)."
 )
@@ -79,8 +105,8 @@ def _print(entries: Iterable[dict[str, Any]], as_json: bool) -> None:
 )
 def log_command(vault_text: str | None, since_text: str | None, as_json: bool, follow: bool) -> None:
     """Show the audit log: unlocks, locks (and why), control requests, backups."""
-    vault, since = _vault(vault_text), _since(since_text)
     path = AuditLog().path
+    vault, since = _vault(vault_text, path), _since(since_text)
     if not follow:
         _print(read_entries(path, vault, since), as_json)
         return

@@ -26,9 +26,10 @@ import click
 
 from kryptvault.cli.app import cli
 from kryptvault.cli.options import UnlockArgs, container_argument, unlock_options
+from kryptvault.cli.progress import Progress
 from kryptvault.cli.units import human_size
 from kryptvault.cli.vault_commands import unlock_for_change
-from kryptvault.container.header import read_header
+from kryptvault.container.header import header_unchanged, read_header
 from kryptvault.container.layout import Layout
 from kryptvault.container.store import ObjectStore
 from kryptvault.container.vault import (
@@ -37,6 +38,7 @@ from kryptvault.container.vault import (
     open_container_fd,
     store_keys,
     write_header_copies,
+    zero_reserved_regions,
 )
 from kryptvault.durable import fsync_dir
 from kryptvault.errors import KryptvaultError
@@ -45,6 +47,7 @@ from kryptvault.fs.compact import compact as compact_container
 from kryptvault.fs.fsck import FsckReport, Problem, RepairReport, check, rebuild_container, repair
 from kryptvault.session.unlock import Unlocked
 
+EXIT_LOST = 3  # fsck --repair: repaired, but something was lost, moved or left unrepaired
 MOUNTED = "the vault is mounted; unmount it first (or wait for the backup, fsck or compact using it)"
 _MAX_PATHS_SHOWN = 20
 
@@ -67,8 +70,10 @@ def open_locked(container: Path, writable: bool) -> int:
 
 
 @contextlib.contextmanager
-def _unlocked_keys(container: Path, unlock: UnlockArgs) -> Iterator[tuple[Unlocked, StoreKeys]]:
-    with unlock_for_change(container, unlock) as unlocked:
+def _unlocked_keys(
+    container: Path, unlock: UnlockArgs, progress: Progress | None = None
+) -> Iterator[tuple[Unlocked, StoreKeys]]:
+    with unlock_for_change(container, unlock, progress=progress) as unlocked:
         keys = store_keys(unlocked.master, unlocked.vault_uuid)
         try:
             yield unlocked, keys
@@ -178,13 +183,17 @@ def _check_only(fd: int, layout: Layout, vault_uuid: uuid.UUID, keys: StoreKeys)
 
 
 def _repair_header(fd: int, unlocked: Unlocked) -> str:
-    """Rewrite both header copies from the valid one (as passwd does)."""
+    """Rewrite both header copies from the one that authenticated (as passwd does), and
+    zero what FORMAT.md says is zero (nothing reads those bytes)."""
+    read = unlocked.read
     with header_lock(fd):
-        current = read_header(fd)
-        if current.header.sequence != unlocked.header.sequence:
+        if not header_unchanged(fd, read):
             raise KryptvaultError("the header changed while fsck ran; run it again")
-        write_header_copies(fd, unlocked.header, unlocked.master)
-    return f"rewrote both header copies from copy {'AB'[unlocked.read.copy_index]}"
+        zeroed = zero_reserved_regions(fd, read)
+        if read.damaged:
+            write_header_copies(fd, unlocked.header, unlocked.master)
+    done = [f"rewrote both header copies from copy {'AB'[read.copy_index]}"] if read.damaged else []
+    return "; ".join(done + [f"zeroed {what}" for what in zeroed])
 
 
 def _run_fsck(
@@ -246,11 +255,17 @@ def fsck(
     readable is copied into a new container that replaces the old one, which is kept as
     CONTAINER.damaged-<time>.
 
-    Exit status: 0 clean, 1 problems found (or repaired), 2 usage.
+    Exit status: 0 clean, 1 problems found (or all repaired with nothing lost), 2 usage,
+    3 repaired but entries were lost or moved to /lost+found, or something is left
+    unrepaired (docs/FSCK.md).
     """
     fd = open_locked(container, writable=do_repair)
     try:
-        with _unlocked_keys(container, unlock) as (unlocked, keys):
+        with (
+            Progress("fsck", not as_json) as bar,
+            _unlocked_keys(container, unlock, bar) as (unlocked, keys),
+        ):
+            bar.phase("checking every block and record" + (", then repairing" if do_repair else ""))
             report, rr, after = _run_fsck(container, fd, unlocked, keys, do_repair)
     finally:
         os.close(fd)
@@ -268,7 +283,10 @@ def fsck(
         if rr is not None:
             _print_repair(rr)
         if after is not None:
-            if after.clean:
+            if after.clean and rr is not None and rr.lost_anything:
+                # Consistent is not clean: files are gone or no longer under their names.
+                click.echo(f"after repair: consistent, but {rr.loss_summary()}")
+            elif after.clean:
                 click.echo("after repair: clean")
             else:
                 click.echo("after repair, still:")
@@ -278,7 +296,14 @@ def fsck(
             click.echo("clean")
         else:
             n = sum(1 for p in report.problems if not p.info)
-            click.echo(f"{n} problem(s) found; 'kryptvault fsck --repair {container}' repairs them")
+            if any(p.kind == "damaged-commit-record" and "--accept-lost-commit" in p.message
+                   for p in report.problems):
+                # --repair refuses until the loss is acknowledged (docs/FSCK.md).
+                click.echo(f"{n} problem(s) found; see above before repairing")
+            else:
+                click.echo(f"{n} problem(s) found; 'kryptvault fsck --repair {container}' repairs them")
+    if rr is not None and (rr.lost_anything or (after is not None and not after.clean)):
+        click.get_current_context().exit(EXIT_LOST)
     if not report.clean:
         click.get_current_context().exit(1)
 
@@ -304,10 +329,15 @@ def compact(
     stats: CompactStats
     try:
         with (
-            _unlocked_keys(container, unlock) as (unlocked, keys),
+            Progress("compact", not as_json, unit="objects") as bar,
+            _unlocked_keys(container, unlock, bar) as (unlocked, keys),
             _replacement(container, fd, "compact") as (tfd, swap),
         ):
-            stats = compact_container(fd, tfd, unlocked.header.layout, unlocked.vault_uuid, keys)
+            bar.phase("copying the live data")
+            stats = compact_container(
+                fd, tfd, unlocked.header.layout, unlocked.vault_uuid, keys, progress=bar
+            )
+            bar.phase("replacing the container")
             swap()
     finally:
         os.close(fd)

@@ -85,9 +85,9 @@ class UnlockArgs:
     def password_source(self) -> SecretSource:
         return password_source(self.password_fd, self.password_file)
 
-    def password_asker(self) -> Callable[[], Secret]:
+    def password_asker(self, prompt: str = "Password: ") -> Callable[[], Secret]:
         source = self.password_source()
-        return lambda: read_secret(source, "Password: ")
+        return lambda: read_secret(source, prompt)
 
     def recovery_asker(self) -> Callable[[], Secret] | None:
         if not self.recovery and self.recovery_key_file is None:
@@ -100,8 +100,7 @@ def pass_unlock_args(
     spec_param: str = "token_spec",
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give the command one `unlock: UnlockArgs` in place of the token, password and
-    recovery options; `spec_param` names the token option's parameter (token add opens
-    the vault with --with-token, as its --token is the token being enrolled)."""
+    recovery options; `spec_param` names the token option's parameter."""
 
     def decorate(f: Callable[..., None]) -> Callable[..., None]:
         # wraps also carries over the options already attached to f (click collects them

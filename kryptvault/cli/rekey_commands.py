@@ -5,9 +5,16 @@ copy of the header still unwraps the old master key, and every data key derives 
 (docs/FORMAT.md §3.4). Rekey draws a fresh master key and copies the whole store into a
 new container sealed under the new subkeys (the compaction copier of
 `kryptvault.fs.compact`), with a new header that holds only the slot that opened the
-vault, re-wrapped under the new key. The vault UUID stays: backups, tokens' share files
-and registrations stay associated with the vault, and since every subkey is
-HKDF(master, purpose || UUID), a new master key alone already makes every key new.
+vault, re-wrapped under the new key. The vault UUID stays: backups and registrations stay
+associated with the vault, and since every subkey is HKDF(master, purpose || UUID), a new
+master key alone already makes every key new.
+
+A token+password slot gets a new token share and a new password: someone who copied the
+share file and learnt the password must not open the rekeyed vault. Crash order, so that
+the old or the new share always opens what the container file holds: the new share is
+written to the token under a pending name (fsync-ed) before the new container is renamed
+into place; only then does it replace the share file. After a crash in between, unlocking
+tries the pending share when the share file opens nothing, and finishes the swap.
 
 Like compact, it runs offline under the container's exclusive flock (a mounted vault is
 refused) and writes a temporary file next to the container that is verified (header
@@ -26,8 +33,9 @@ import click
 
 from kryptvault.cli.app import cli
 from kryptvault.cli.maintenance_commands import open_locked
-from kryptvault.cli.options import UnlockArgs, container_argument, unlock_options
-from kryptvault.cli.secrets_input import read_secret, show_secret
+from kryptvault.cli.options import UnlockArgs, container_argument, password_source, unlock_options
+from kryptvault.cli.progress import Progress
+from kryptvault.cli.secrets_input import read_new_password, read_secret, show_secret
 from kryptvault.cli.units import human_size
 from kryptvault.cli.vault_commands import choose_kdf, kdf_options
 from kryptvault.container.header import (
@@ -36,6 +44,7 @@ from kryptvault.container.header import (
     SLOT_COUNT,
     Header,
     Keyslot,
+    header_unchanged,
     read_header,
 )
 from kryptvault.container.keyslots import (
@@ -53,10 +62,11 @@ from kryptvault.container.store import ObjectStore
 from kryptvault.container.vault import header_lock, store_keys, write_header_copies
 from kryptvault.crypto.secret import Secret, harden_process
 from kryptvault.durable import fsync_dir
-from kryptvault.errors import IntegrityError, KryptvaultError
+from kryptvault.errors import IntegrityError, KryptvaultError, TokenError, UsageError
 from kryptvault.fs.compact import HEADER_BYTES, CompactStats
 from kryptvault.fs.compact import compact as copy_container
 from kryptvault.session.unlock import Unlocked, unlock_container
+from kryptvault.token.share import Share
 
 
 @contextlib.contextmanager
@@ -133,10 +143,13 @@ def _rekey(
     container: Path,
     fd: int,
     unlocked: Unlocked,
-    password: Secret | None,
+    new_password: Secret | None,
     kdf_time_ms: int | None,
     kdf_memory_mib: int | None,
-) -> tuple[Header, CompactStats, list[tuple[int, Keyslot]]]:
+    progress: Progress | None = None,
+) -> tuple[Header, CompactStats, list[tuple[int, Keyslot]], str | None]:
+    """Returns what it wrote, and a warning when the new share is on the token only
+    under its pending name (the vault is rekeyed; the next unlock finishes the swap)."""
     header = unlocked.header
     index = unlocked.slot
     old = header.slots[index]
@@ -148,6 +161,8 @@ def _rekey(
     factor: TokenFactor | None = None
     recovery_key: Secret | None = None
     printable: Secret | None = None
+    new_share: Share | None = None
+    unfinished: str | None = None
     try:
         with Secret.random(MASTER_KEY_LEN) as new_master:
             new_keys = store_keys(new_master, vault_uuid)
@@ -158,43 +173,66 @@ def _rekey(
                     slot = new_recovery_slot(vault_uuid, index, new_master, recovery_key, old.label)
                 else:
                     assert unlocked.token is not None and unlocked.share is not None
-                    assert password is not None and old.kdf is not None
+                    assert new_password is not None and old.kdf is not None
                     params = (
                         old.kdf
                         if kdf_time_ms is None and kdf_memory_mib is None
                         else choose_kdf(kdf_time_ms, kdf_memory_mib)
                     )
-                    # The same token share (its secret and binding) and the identity the
-                    # slot already records: the token that opened the vault stays valid.
+                    # The same token (binding, and the identity the slot records) with a
+                    # new share: a copy of the old share file opens nothing any more.
+                    new_share = Share.generate(vault_uuid, unlocked.share.generation)
                     factor = TokenFactor(
-                        Secret.from_bytes(unlocked.share.secret),
+                        Secret.from_bytes(new_share.secret),
                         unlocked.token.identity.binding(),
                         old.token_identity,
                     )
                     slot = new_password_slot(
-                        vault_uuid, index, new_master, password, factor, params, old.label
+                        vault_uuid, index, new_master, new_password, factor, params, old.label
                     )
                 with _temp_container(container, fd) as (tmp, tfd):
-                    stats = copy_container(fd, tfd, header.layout, vault_uuid, old_keys, dest_keys=new_keys)
+                    stats = copy_container(
+                        fd, tfd, header.layout, vault_uuid, old_keys, dest_keys=new_keys, progress=progress
+                    )
+                    if progress is not None:
+                        progress.phase("verifying the new container")
                     # The copier copied the old header (it wraps the old master key):
                     # zero it all, then write both new copies (sequence above the old).
                     os.pwrite(tfd, bytes(HEADER_BYTES), 0)
                     written = write_header_copies(tfd, _only_slot(header, index, slot), new_master)
                     os.fsync(tfd)
-                    _verify_new_container(tfd, written, new_master, index, password, factor, recovery_key)
+                    _verify_new_container(
+                        tfd, written, new_master, index, new_password, factor, recovery_key
+                    )
+                    if new_share is not None:
+                        assert unlocked.token is not None
+                        # Before the swap, and durable: from the swap on, only this
+                        # share opens the container (the old one still does until then).
+                        unlocked.token.write_pending_share(new_share)
                     if printable is not None:
                         # Before the swap: should printing fail, the old container (and
                         # the old recovery key) is still in place.
+                        if progress is not None:
+                            progress.finish()
                         _print_recovery_key(index, printable)
                     parent = container.parent if str(container.parent) else Path(".")
                     with header_lock(fd):
-                        if read_header(fd).header.sequence != header.sequence:
+                        if not header_unchanged(fd, unlocked.read):
                             raise KryptvaultError(
                                 "the header changed while rekey ran (a keyslot was changed); "
                                 "nothing was replaced, run it again"
                             )
                         os.replace(tmp, container)
                     fsync_dir(parent)
+                    if new_share is not None:
+                        assert unlocked.token is not None
+                        try:
+                            unlocked.token.promote_pending_share(new_share)
+                        except TokenError as exc:
+                            unfinished = (
+                                f"the vault is rekeyed, but the token's share file was not replaced ({exc}); "
+                                "the new share waits on the token and the next unlock with it finishes this"
+                            )
             finally:
                 new_keys.wipe()
     finally:
@@ -202,50 +240,82 @@ def _rekey(
         for s in (factor.secret if factor else None, recovery_key, printable):
             if s is not None:
                 s.wipe()
-    return written, stats, dropped
+        if new_share is not None:
+            new_share.wipe()
+    return written, stats, dropped, unfinished
 
 
 @cli.command()
 @container_argument
 @unlock_options
+@click.option("--new-password-fd", type=int, metavar="N", help="Read the new password from fd N.")
+@click.option(
+    "--new-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Read the new password from this file.",
+)
 @kdf_options
 def rekey(
     container: Path,
     unlock: UnlockArgs,
+    new_password_fd: int | None,
+    new_password_file: Path | None,
     kdf_time_ms: int | None,
     kdf_memory_mib: int | None,
 ) -> None:
     """Give CONTAINER (not mounted) a new master key and re-encrypt all of it.
 
-    For a token stolen together with the password: removing its slot is not enough,
-    because old copies of the header still open the old master key. Only the keyslot
-    that unlocks now survives, re-wrapped under the new key (same password and token;
-    with --recovery a NEW recovery key is printed). Every other slot is dropped: re-add
-    backup tokens and recovery keys afterwards. Needs free space for the live data.
-    Backups made before still open with the old keys.
+    For a token copied or stolen together with the password: removing its slot is not
+    enough, because old copies of the header still open the old master key. Only the
+    keyslot that unlocks now survives, re-wrapped under the new key with a NEW token
+    share (written to the same token) and a NEW password (asked twice); with --recovery
+    a NEW recovery key is printed instead. Every other slot is dropped: re-add backup
+    tokens and recovery keys afterwards. Needs free space for the live data. Backups
+    made before still open with the old keys.
     """
     harden_process()
+    new_source = password_source(new_password_fd, new_password_file)
+    if new_source.scripted and unlock.recovery_asker() is not None:
+        raise UsageError("--new-password-fd/--new-password-file are for token+password, not --recovery")
     fd = open_locked(container, writable=True)
     kept: list[Secret] = []
+    bar = Progress("rekey", unit="objects")
     try:
         source = unlock.password_source()
 
         def ask_password() -> Secret:
             password = read_secret(source, "Password: ")
             kept.append(password.copy())  # to re-wrap the slot; unlock wipes its own
+            bar.phase("unlocking (Argon2id key derivation)")
             return password
+
+        ask_recovery = unlock.recovery_asker()
+
+        def ask_recovery_key() -> Secret:
+            assert ask_recovery is not None
+            key = ask_recovery()
+            bar.phase("unlocking")
+            return key
 
         with unlock_container(
             container,
             token_spec=unlock.token_spec,
             ask_password=ask_password,
-            ask_recovery_key=unlock.recovery_asker(),
+            ask_recovery_key=ask_recovery_key if ask_recovery is not None else None,
         ) as unlocked:
-            written, stats, dropped = _rekey(
-                container, fd, unlocked, kept[-1] if kept else None, kdf_time_ms, kdf_memory_mib
-            )
+            if unlocked.token is not None:
+                bar.finish()  # the prompt comes next, on the same terminal
+                kept.append(read_new_password(new_source, "New password: ", what="new password"))
+                if kept[0].equals(kept[-1]):
+                    raise UsageError("the new password is the old one: rekey needs a new password")
+            bar.phase("re-encrypting every block")
+            written, stats, dropped, unfinished = _rekey(
+                container, fd, unlocked, kept[-1] if unlocked.token is not None else None,
+                kdf_time_ms, kdf_memory_mib, bar,
+            )  # fmt: skip
             index = unlocked.slot
     finally:
+        bar.finish()
         for secret in kept:
             secret.wipe()
         os.close(fd)
@@ -253,7 +323,13 @@ def rekey(
         f"rekeyed {container}: new master key, {stats.objects} objects ({human_size(stats.data_bytes)}) "
         f"re-encrypted; header sequence {written.sequence}"
     )
-    click.echo(f"kept slot {index} (re-wrapped under the new key)")
+    if unlocked.token is not None:
+        click.echo(
+            f"kept slot {index} (re-wrapped under the new key with a new token share on "
+            f"{unlocked.token.identity.describe()} and the new password)"
+        )
+    else:
+        click.echo(f"kept slot {index} (re-wrapped under the new key)")
     for i, s in dropped:
         label = f" '{s.label}'" if s.label else ""
         click.echo(f"dropped slot {i}: {s.kind_name}{label}")
@@ -264,9 +340,11 @@ def rekey(
     if unlocked.token is None and any(s.kind == KIND_TOKEN_PASSWORD for _i, s in dropped):
         click.echo(
             "note: no token+password slot is left; add a token with "
-            "'kryptvault token add CONTAINER --token T --recovery'"
+            "'kryptvault token add CONTAINER --new-token T --recovery'"
         )
     click.echo(
         "warning: backups and copies of the container made before this still open with the old "
         "keys and slots; destroy them if the old key is compromised"
     )
+    if unfinished:
+        raise KryptvaultError(unfinished)

@@ -14,29 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kryptvault.crypto.secret import Secret, constant_time_equal
+from kryptvault.crypto.secret import Secret
 from kryptvault.errors import UsageError
 
 MAX_SECRET_INPUT = 1024
 MIN_PASSWORD_CHARS = 10
-_COMMON = {
-    b"password",
-    b"passw0rd",
-    b"password1",
-    b"password123",
-    b"1234567890",
-    b"0123456789",
-    b"qwertyuiop",
-    b"qwertzuiop",
-    b"azertyuiop",
-    b"iloveyou",
-    b"letmein123",
-    b"abcdefghij",
-    b"administrator",
-    b"trustno1",
-    b"kryptvault",
-    b"correcthorse",
-}
 
 
 @dataclass(frozen=True)
@@ -119,20 +101,29 @@ def read_from_file(path: Path, what: str) -> Secret:
         os.close(fd)
 
 
+# What to say instead of a prompt when there is no terminal: the options that give it.
+_SCRIPTED_OPTIONS = {
+    "password": "--password-fd N or --password-file PATH",
+    "new password": "--new-password-fd N or --new-password-file PATH",
+    "recovery key": "--recovery-key-file PATH",
+}
+
+
 @contextlib.contextmanager
-def _terminal() -> Iterator[int]:
+def _terminal(what: str = "password") -> Iterator[int]:
     try:
         fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
-        raise UsageError("no terminal to ask for the password: use --password-fd N or --password-file PATH")
+        options = _SCRIPTED_OPTIONS.get(what, _SCRIPTED_OPTIONS["password"])
+        raise UsageError(f"no terminal to ask for the {what}: use {options}")
     try:
         yield fd
     finally:
         os.close(fd)
 
 
-def read_from_terminal(prompt: str) -> Secret:
-    with _terminal() as tty:
+def read_from_terminal(prompt: str, what: str = "password") -> Secret:
+    with _terminal(what) as tty:
         old = termios.tcgetattr(tty)
         silent = list(old)
         silent[3] &= ~(termios.ECHO | termios.ECHONL)
@@ -141,7 +132,7 @@ def read_from_terminal(prompt: str) -> Secret:
         termios.tcsetattr(tty, termios.TCSAFLUSH, silent)
         os.write(tty, prompt.encode())
         try:
-            return _read_stream(tty, "password")
+            return _read_stream(tty, what)
         finally:
             termios.tcsetattr(tty, termios.TCSAFLUSH, old)
             os.write(tty, b"\n")
@@ -152,15 +143,19 @@ def read_secret(source: SecretSource, prompt: str, what: str = "password") -> Se
         return read_from_fd(source.fd, what)
     if source.file is not None:
         return read_from_file(source.file, what)
-    return read_from_terminal(prompt)
+    return read_from_terminal(prompt, what)
 
 
-def read_new_password(source: SecretSource, prompt: str = "New password: ") -> Secret:
-    """Ask twice on a terminal (once when scripted), then apply the strength rules."""
-    password = read_secret(source, prompt)
+def read_new_password(
+    source: SecretSource, prompt: str = "New password: ", what: str = "password"
+) -> Secret:
+    """Ask twice on a terminal (once when scripted), then apply the strength rules.
+    `what` names the secret in the no-terminal hint ("new password": passwd's options)."""
+    password = read_secret(source, prompt, what)
     try:
         if not source.scripted:
-            with read_from_terminal("Repeat the password: ") as again:
+            repeat = "Repeat new password: " if prompt.startswith("New") else "Repeat the password: "
+            with read_from_terminal(repeat, what) as again:
                 if not password.equals(again):
                     raise UsageError("the two passwords differ")
         check_password_strength(password)
@@ -171,31 +166,22 @@ def read_new_password(source: SecretSource, prompt: str = "New password: ") -> S
 
 
 def check_password_strength(password: Secret) -> None:
-    """Refuse empty and guessable passwords, saying why (the rules are in README.md)."""
+    """Refuse empty, short and guessable passwords, saying why (zxcvbn judges the
+    guessability: see kryptvault.cli.strength; the rules are in README.md)."""
+    from kryptvault.cli.strength import judge, weakness
+
     with password.view() as raw:
         if len(raw) == 0:
             raise UsageError("the password is empty")
         chars = sum(1 for b in raw if b & 0xC0 != 0x80)  # UTF-8 characters, without decoding
-        if chars < MIN_PASSWORD_CHARS:
-            raise UsageError(
-                f"the password is too short: use at least {MIN_PASSWORD_CHARS} characters "
-                "(a few random words work well)"
-            )
-        if len(set(raw)) < 5:
-            raise UsageError("the password is too repetitive: use at least 5 different characters")
-        copied = bytearray(raw)
-        lowered = copied.lower()
-        copied[:] = bytes(len(copied))
-    try:
-        if any(constant_time_equal(lowered, common) for common in _COMMON) or _is_sequence(lowered):
-            raise UsageError("the password is too common or a simple sequence")
-    finally:
-        lowered[:] = bytes(len(lowered))
-
-
-def _is_sequence(raw: bytearray) -> bool:
-    steps = {raw[i + 1] - raw[i] for i in range(len(raw) - 1)}
-    return len(steps) == 1 and steps.pop() in (-1, 0, 1)
+    if chars < MIN_PASSWORD_CHARS:
+        raise UsageError(
+            f"the password is too short: use at least {MIN_PASSWORD_CHARS} characters "
+            "(a few random words work well)"
+        )
+    reason = weakness(judge(password))
+    if reason is not None:
+        raise UsageError(reason)
 
 
 def show_secret(printable: Secret) -> None:

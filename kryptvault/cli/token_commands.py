@@ -20,20 +20,23 @@ from kryptvault.cli.options import (
     password_options,
     password_source,
     recovery_options,
+    token_option,
 )
+from kryptvault.cli.output import say
 from kryptvault.cli.secrets_input import read_new_password, read_secret
 from kryptvault.cli.vault_commands import kdf_options, rewrite_header
-from kryptvault.container.header import KIND_TOKEN_PASSWORD
+from kryptvault.container.header import KIND_TOKEN_PASSWORD, Header, Keyslot
 from kryptvault.container.keyslots import new_password_slot
 from kryptvault.container.vault import free_slot_index, read_container_header, replace_slot
 from kryptvault.crypto.kdf import calibrate
-from kryptvault.crypto.secret import harden_process
-from kryptvault.errors import KryptvaultError, UsageError
+from kryptvault.crypto.secret import Secret, harden_process
+from kryptvault.errors import AuthenticationError, KryptvaultError, TokenError, UsageError
 from kryptvault.session.unlock import slot_identities, token_factor, unlock_container
-from kryptvault.token.base import TokenIdentity
+from kryptvault.token.base import Token, TokenIdentity, printable
+from kryptvault.token.dirtoken import DirectoryToken
 from kryptvault.token.discover import discover_usb_sticks
 from kryptvault.token.resolve import mount_hint, resolve_token
-from kryptvault.token.share import SHARE_DIR_NAME, Share, list_share_uuids, share_path
+from kryptvault.token.share import SHARE_DIR_NAME, SUFFIX, Share, list_share_uuids, share_path
 from kryptvault.token.udev import render_rules, unit_instance
 
 
@@ -96,21 +99,15 @@ def _registrations_in(share_dir: Path) -> list[object]:
 @token.command("add")
 @container_argument
 @click.option(
-    "--token",
+    "--new-token",
     "new_token",
-    required=True,
     metavar="PATH|auto|SERIAL|fs:UUID",
-    help="The token to enrol (e.g. the backup stick's serial).",
+    help="The token to enrol (e.g. the backup stick's serial). Required.",
 )
-@click.option(
-    "--with-token",
-    "old_token",
-    metavar="PATH|SERIAL|fs:UUID",
-    help="A token already registered, to open the vault (default: the plugged one).",
-)
+@token_option()
+@click.option("--with-token", "old_token", metavar="PATH|SERIAL|fs:UUID", hidden=True)
 @password_options
 @recovery_options
-@pass_unlock_args(spec_param="old_token")
 @click.option(
     "--new-password",
     "ask_new_password",
@@ -119,28 +116,52 @@ def _registrations_in(share_dir: Path) -> list[object]:
 )
 @kdf_options
 @click.option("--label", default="backup token", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def token_add(
     container: Path,
-    new_token: str,
-    unlock: UnlockArgs,
+    new_token: str | None,
+    token_spec: str | None,
+    old_token: str | None,
+    password_fd: int | None,
+    password_file: Path | None,
+    recovery: bool,
+    recovery_key_file: Path | None,
     ask_new_password: bool,
     kdf_time_ms: int | None,
     kdf_memory_mib: int | None,
     label: str,
+    as_json: bool,
 ) -> None:
-    """Enrol another token as its own keyslot.
+    """Enrol another token (--new-token) as its own keyslot.
 
-    The vault is opened with an existing token + password (the new slot gets the same
-    password unless --new-password), or with --recovery when no token is left (the
-    password then given is the new slot's, asked twice on a terminal).
+    The vault is opened as every command opens it: with --token (a token already
+    registered; default: the plugged one) and the password; the new slot gets the same
+    password unless --new-password. With --recovery when no token is left, the password
+    then given is the new slot's (asked twice on a terminal).
     """
+    new_token, token_spec = _token_add_specs(
+        new_token, token_spec, old_token, recovery or recovery_key_file is not None
+    )
+    unlock = UnlockArgs(
+        token_spec=token_spec,
+        password_fd=password_fd,
+        password_file=password_file,
+        recovery=recovery,
+        recovery_key_file=recovery_key_file,
+    )
     harden_process()
     header = read_container_header(container).header
-    target = resolve_token(new_token, vault_uuid=header.vault_uuid)
+    target = _resolve_new_token(new_token, header.vault_uuid)
     if any(
         ident.matches(target.identity) and ident.kind != "dir" for ident in slot_identities(header).values()
     ):
         raise UsageError(f"{target.identity.describe()} is already registered for this vault")
+    if share_path(target.share_dir, header.vault_uuid).exists():
+        # Writing the new share over it would lock out the slot that this file opens.
+        raise UsageError(
+            f"{target.share_dir} already holds a share file of this vault (it is a token of it; "
+            "if that token was revoked, delete the file first)"
+        )
     source = unlock.password_source()
     ask_recovery = unlock.recovery_asker()
     if ask_recovery is not None:
@@ -154,7 +175,10 @@ def token_add(
         ) as unlocked,
     ):
         if unlocked.token is not None and unlocked.token.share_dir == target.share_dir:
-            raise UsageError("the new token is the one that opened the vault; plug in the other stick")
+            raise UsageError(
+                "the --new-token is the token that opened the vault; plug in the other stick "
+                "(--token names the registered token, --new-token the one to enrol)"
+            )
         index = free_slot_index(unlocked.header)
         old = unlocked.header.slots[unlocked.slot]
         params = (
@@ -183,7 +207,51 @@ def token_add(
                 raise
         finally:
             share.wipe()
-    click.echo(f"token {target.identity.describe()} added as slot {index}")
+        vault_uuid = unlocked.vault_uuid
+    if as_json:
+        record = {
+            "vault": str(vault_uuid),
+            "container": str(container),
+            "slot": index,
+            "token": target.identity.describe(),
+            "share_dir": str(target.share_dir),
+            "label": label,
+        }
+        click.echo(json.dumps(record))
+        return
+    say(f"token {target.identity.describe()} added as slot {index}")
+
+
+def _token_add_specs(
+    new_token: str | None, token_spec: str | None, with_token: str | None, recovery: bool
+) -> tuple[str, str | None]:
+    """(token to enrol, token that opens). `--token` opens, as in every other command.
+    The old spellings still work where they cannot be misread: `--token NEW --with-token
+    OLD` (--with-token only ever appeared beside the new token's --token), and `--token NEW
+    --recovery` (the recovery key opens without a token)."""
+    if new_token is None and token_spec is not None and recovery and with_token is None:
+        return token_spec, None
+    if with_token is not None:
+        if new_token is None and token_spec is not None:
+            return token_spec, with_token
+        if token_spec is not None:
+            raise UsageError(
+                "give the token that opens the vault once: --token (--with-token is its old name)"
+            )
+        token_spec = with_token
+    if new_token is None:
+        raise UsageError(
+            "name the token to enrol with --new-token (--token names a token that already opens the vault)"
+        )
+    return new_token, token_spec
+
+
+def _resolve_new_token(spec: str, vault_uuid: uuid.UUID) -> Token:
+    """The token to enrol; its errors name --new-token, the option it came from."""
+    try:
+        return resolve_token(spec, vault_uuid=vault_uuid)
+    except TokenError as exc:
+        raise TokenError(str(exc).replace("--token ", "--new-token ")) from None
 
 
 def _slot_for(header_slots: dict[int, TokenIdentity], which: str) -> int:
@@ -191,21 +259,24 @@ def _slot_for(header_slots: dict[int, TokenIdentity], which: str) -> int:
         return int(which)
     matches = [i for i, ident in header_slots.items() if ident.serial == which or ident.fs_uuid == which]
     if not matches:
-        raise UsageError(f"no keyslot records a token with serial or UUID {which}")
+        hint = f"; to name the directory token, write ./{printable(which)}" if os.path.isdir(which) else ""
+        raise UsageError(f"no keyslot records a token with serial or UUID {printable(which)}{hint}")
     if len(matches) > 1:
-        raise UsageError(f"several keyslots record {which}: name the slot number")
+        raise UsageError(f"several keyslots record {printable(which)}: name the slot number")
     return matches[0]
+
+
+def _directory_token(which: str) -> DirectoryToken | None:
+    """WHICH as a directory token's path, when it names one (as --token PATH does)."""
+    if "/" not in which and not which.startswith((".", "~")):
+        return None
+    return DirectoryToken(which)
 
 
 @token.command("remove")
 @container_argument
-@click.argument("which", metavar="SLOT|SERIAL")
-@click.option(
-    "--token",
-    "token_spec",
-    metavar="PATH|SERIAL|fs:UUID",
-    help="A remaining token to prove access with (default: the plugged one).",
-)
+@click.argument("which", metavar="SLOT|SERIAL|PATH")
+@token_option()
 @password_options
 @recovery_options
 @pass_unlock_args()
@@ -216,41 +287,113 @@ def token_remove(
     unlock: UnlockArgs,
     force: bool,
 ) -> None:
-    """Revoke a token: delete its keyslot (and its share file, if that stick is plugged)."""
+    """Revoke a token: delete its keyslot, and its share file when the token is reachable.
+
+    WHICH is the slot number, a stick's serial or filesystem UUID, or the path of a
+    directory token. --token names a token that opens the vault (default: the plugged
+    one; for a directory token given by path: that directory, if no --token).
+    """
     harden_process()
     header = read_container_header(container).header
-    index = _slot_for(slot_identities(header), which)
-    slot = header.slots[index] if 0 <= index < len(header.slots) else None
-    if slot is None or slot.kind != KIND_TOKEN_PASSWORD:
-        raise UsageError(f"slot {which} is not a token keyslot")
     if len(header.active_slots()) == 1 and not force:
         raise UsageError(
             "that is the last way into the vault: removing it locks the vault forever (use --force)"
         )
-    with unlock_container(
-        container,
-        token_spec=unlock.token_spec,
-        ask_password=unlock.password_asker(),
-        ask_recovery_key=unlock.recovery_asker(),
-    ) as unlocked:
-        rewrite_header(unlocked, replace_slot(unlocked.header, index, None))
-        revoked = TokenIdentity.decode(slot.token_identity)
-        _delete_share_if_plugged(revoked, unlocked.vault_uuid)
-    click.echo(f"slot {index} ({revoked.describe()}) removed: that token no longer opens this container.")
-    click.echo("Old copies of the container or its header (backups) still open with it and its password.")
-    click.echo("If the token was stolen together with the password, move the files into a new vault.")
-
-
-def _delete_share_if_plugged(revoked: TokenIdentity, vault_uuid: uuid.UUID) -> None:
-    """The revoked token's share is useless now; remove it if that token is reachable.
-    A directory token has no identity to find it by, so its share file stays."""
-    if revoked.kind == "dir":
-        return
+    directory = _directory_token(which)
+    index = None if directory is not None else _slot_for(slot_identities(header), which)
+    if index is not None:
+        _check_token_slot(header, index, which)
+    ask_recovery = unlock.recovery_asker()
+    if directory is not None and ask_recovery is not None:
+        raise UsageError(
+            "a directory token named by its path is found by opening it with the password; "
+            "with --recovery, name its slot number (see 'kryptvault slot list')"
+        )
+    # Read once, for up to two unlocks (which slot the directory opens; proving access).
+    password = read_secret(unlock.password_source(), "Password: ") if directory is not None else None
     try:
-        token = resolve_token(None, vault_uuid=vault_uuid, identity=revoked)
-        share_path(token.share_dir, vault_uuid).unlink(missing_ok=True)
-    except (KryptvaultError, OSError):
-        return
+        if directory is not None and unlock.token_spec is not None:
+            index = _slot_of_directory(container, directory, password, unlock)
+        # With a directory and no --token, the directory itself proves access, and the
+        # slot it opens is the one to remove.
+        spec = str(directory.share_dir) if directory is not None and index is None else unlock.token_spec
+        with unlock_container(
+            container,
+            token_spec=spec,
+            ask_password=password.copy if password is not None else unlock.password_asker(),
+            ask_recovery_key=ask_recovery,
+        ) as unlocked:
+            if index is None:
+                index = unlocked.slot
+            slot = _check_token_slot(unlocked.header, index, which)
+            rewrite_header(unlocked, replace_slot(unlocked.header, index, None))
+            revoked = TokenIdentity.decode(slot.token_identity)
+            deleted, kept = _delete_revoked_share(revoked, directory, unlocked.vault_uuid)
+    finally:
+        if password is not None:
+            password.wipe()
+    say(f"slot {index} ({revoked.describe()}) removed: that token no longer opens this container.")
+    if deleted is not None:
+        say(f"deleted its share file {deleted}")
+    elif kept is not None:
+        say(f"its share file stays on the token ({kept})")
+    say(
+        "Old header copies (backups, old copies of the container) plus the revoked token and its "
+        "password still open the vault (they give its master key) until you run "
+        f"'kryptvault rekey {container}'."
+    )
+
+
+def _check_token_slot(header: Header, index: int, which: str) -> Keyslot:
+    slot = header.slots[index] if 0 <= index < len(header.slots) else None
+    if slot is None or slot.kind != KIND_TOKEN_PASSWORD:
+        raise UsageError(f"slot {printable(which)} is not a token keyslot")
+    return slot
+
+
+def _slot_of_directory(
+    container: Path, directory: DirectoryToken, password: Secret | None, unlock: UnlockArgs
+) -> int:
+    """Which keyslot the directory token opens. A directory token's slot records no
+    path, so only opening it tells: with the share file there and the password given."""
+    assert password is not None
+    try:
+        with unlock_container(
+            container, token_spec=str(directory.share_dir), ask_password=password.copy
+        ) as unlocked:
+            return unlocked.slot
+    except AuthenticationError:
+        hint = " (its slot may have another password: name the slot number)" if unlock.token_spec else ""
+        raise AuthenticationError(
+            f"the directory token {directory.share_dir} does not open this vault with the password given"
+            + hint
+        ) from None
+
+
+def _delete_revoked_share(
+    revoked: TokenIdentity, directory: DirectoryToken | None, vault_uuid: uuid.UUID
+) -> tuple[Path | None, str | None]:
+    """The revoked token's share is useless now: delete it (and a rekey's pending one)
+    if the token is reachable. Returns (the file deleted, why a share file was kept)."""
+    name = f"{vault_uuid}{SUFFIX}"
+    if directory is not None:
+        token: Token = directory
+    elif revoked.kind == "dir":
+        return None, f"a directory token is found only by its path: delete {name} there, or name it by path"
+    else:
+        try:
+            token = resolve_token(None, vault_uuid=vault_uuid, identity=revoked)
+        except KryptvaultError as exc:
+            return None, f"{exc}; delete {name} from it when it is plugged in"
+    path = share_path(token.share_dir, vault_uuid)
+    try:
+        share_path(token.share_dir, vault_uuid, pending=True).unlink(missing_ok=True)
+        path.unlink()
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"cannot delete {path}: {exc.strerror}"
+    return path, None
 
 
 @token.command("udev")

@@ -7,10 +7,12 @@ import datetime
 import json
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from kryptvault.cli import output
 from kryptvault.cli.app import cli
 from kryptvault.cli.options import (
     UnlockArgs,
@@ -21,8 +23,10 @@ from kryptvault.cli.options import (
     token_option,
     unlock_options,
 )
+from kryptvault.cli.output import detail, say
+from kryptvault.cli.progress import Progress
 from kryptvault.cli.secrets_input import read_new_password, show_secret
-from kryptvault.container.header import KIND_TOKEN_PASSWORD, Header, Keyslot
+from kryptvault.container.header import KIND_TOKEN_PASSWORD, Header, Keyslot, header_unchanged
 from kryptvault.container.keyslots import (
     format_recovery_key,
     new_password_slot,
@@ -40,7 +44,7 @@ from kryptvault.container.vault import (
 )
 from kryptvault.crypto.kdf import calibrate
 from kryptvault.crypto.kdf_params import MIN_MEMORY_KIB, Argon2Params
-from kryptvault.crypto.secret import harden_process
+from kryptvault.crypto.secret import Secret, harden_process
 from kryptvault.errors import KryptvaultError, UsageError
 from kryptvault.session.mkfs import initialise_filesystem
 from kryptvault.session.unlock import Unlocked, token_factor, unlock_container
@@ -70,14 +74,35 @@ def choose_kdf(kdf_time_ms: int | None, kdf_memory_mib: int | None) -> Argon2Par
     return calibrate((kdf_time_ms or 1000) / 1000, max(memory, MIN_MEMORY_KIB) if memory else None)
 
 
-def unlock_for_change(container: Path, unlock: UnlockArgs) -> Unlocked:
+def unlock_for_change(
+    container: Path, unlock: UnlockArgs, *, prompt: str = "Password: ", progress: Progress | None = None
+) -> Unlocked:
+    """Open the vault as the command line says. `progress`: name the key derivation that
+    follows the password (shown once it is typed, not over the prompt)."""
     harden_process()
-    return unlock_container(
-        container,
-        token_spec=unlock.token_spec,
-        ask_password=unlock.password_asker(),
-        ask_recovery_key=unlock.recovery_asker(),
+    ask_password = unlock.password_asker(prompt)
+    ask_recovery = unlock.recovery_asker()
+    if progress is not None:
+        ask_password = _then_phase(ask_password, progress)
+        ask_recovery = _then_phase(ask_recovery, progress) if ask_recovery is not None else None
+    unlocked = unlock_container(
+        container, token_spec=unlock.token_spec, ask_password=ask_password, ask_recovery_key=ask_recovery
     )
+    if output.current.verbose:
+        if progress is not None:
+            progress.finish()
+        how = unlocked.token.identity.describe() if unlocked.token is not None else "the recovery key"
+        detail(f"opened keyslot {unlocked.slot} of vault {unlocked.vault_uuid} with {how}")
+    return unlocked
+
+
+def _then_phase(ask: Callable[[], Secret], progress: Progress) -> Callable[[], Secret]:
+    def asked() -> Secret:
+        secret = ask()
+        progress.phase("unlocking (Argon2id key derivation)")
+        return secret
+
+    return asked
 
 
 def _remove_share_quietly(token_share_dir: Path, vault_uuid: uuid.UUID) -> None:
@@ -94,6 +119,7 @@ def _remove_share_quietly(token_share_dir: Path, vault_uuid: uuid.UUID) -> None:
 @kdf_options
 @click.option("--label", default="primary", show_default=True, help="A name for the first keyslot.")
 @click.option("--force", is_flag=True, help="Overwrite an existing container file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def init(
     container: Path,
     token_spec: str | None,
@@ -103,6 +129,7 @@ def init(
     kdf_memory_mib: int | None,
     label: str,
     force: bool,
+    as_json: bool,
 ) -> None:
     """Create a new vault in CONTAINER, opened by your password and the token.
 
@@ -115,8 +142,17 @@ def init(
     token = resolve_token(token_spec or "auto")
     vault_uuid = uuid.uuid4()
     password = read_new_password(password_source(password_fd, password_file))
-    with password:
+    with password, Progress("init", not as_json) as bar:
+        bar.phase("calibrating Argon2id on this machine")
         params = choose_kdf(kdf_time_ms, kdf_memory_mib)
+        detail(f"Argon2id calibrated: t={params.time_cost} m={params.memory_kib // 1024} MiB")
+
+        def first_slot(vid: uuid.UUID, master: Secret) -> Keyslot:
+            bar.phase("deriving the key from the password (Argon2id)")
+            slot = new_password_slot(vid, 0, master, password, factor, params, label)
+            bar.phase("writing the container")
+            return slot
+
         share = Share.generate(vault_uuid)
         try:
             token.write_share(share)
@@ -124,22 +160,31 @@ def init(
                 factor = token_factor(token, share)
                 with factor.secret:
                     create_container(
-                        container,
-                        lambda vid, master: new_password_slot(
-                            vid, 0, master, password, factor, params, label
-                        ),
-                        initialise_filesystem,
-                        force=force,
-                        vault_uuid=vault_uuid,
+                        container, first_slot, initialise_filesystem, force=force, vault_uuid=vault_uuid
                     )
             except BaseException:
                 _remove_share_quietly(token.share_dir, vault_uuid)
                 raise
         finally:
             share.wipe()
+    if as_json:
+        record = {
+            "vault": str(vault_uuid),
+            "container": str(container.absolute()),
+            "token": token.identity.describe(),
+            "share_dir": str(token.share_dir),
+            "kdf": {
+                "algorithm": "argon2id",
+                "time_cost": params.time_cost,
+                "memory_kib": params.memory_kib,
+                "parallelism": params.parallelism,
+            },
+        }
+        click.echo(json.dumps(record))
+        return
     click.echo(f"created vault {vault_uuid} in {container}")
-    click.echo(f"token: {token.identity.describe()}")
-    click.echo(f"Argon2id: t={params.time_cost} m={params.memory_kib // 1024} MiB p={params.parallelism}")
+    say(f"token: {token.identity.describe()}")
+    say(f"Argon2id: t={params.time_cost} m={params.memory_kib // 1024} MiB p={params.parallelism}")
 
 
 def _slot_record(index: int, slot: Keyslot) -> dict[str, object]:
@@ -198,7 +243,9 @@ def _print_slots(slots: list[dict[str, object]]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(container: Path, as_json: bool) -> None:
     """Show the public header of CONTAINER (no secret needed, not authenticated)."""
-    read = read_container_header(container)
+    # Copies naming different vaults are shown with a warning saying so (the newest-looking
+    # copy's fields): only an unlock can tell which one is genuine.
+    read = read_container_header(container, allow_disagreement=True)
     note = read.damage_note()
     record = _header_record(read.header)
     if as_json:
@@ -223,8 +270,8 @@ def rewrite_header(unlocked: Unlocked, header: Header) -> Header:
     fd = open_container_fd(unlocked.path, writable=True)
     try:
         with header_lock(fd):
-            current = read_container_header(unlocked.path).header
-            if current.sequence != unlocked.header.sequence:
+            # Both copies compared byte for byte: a forged copy may carry any sequence.
+            if not header_unchanged(fd, unlocked.read):
                 raise KryptvaultError("the header changed while this command ran; try again")
             return write_header_copies(fd, header, unlocked.master)
     finally:
@@ -254,7 +301,7 @@ def passwd(
     kdf_memory_mib: int | None,
 ) -> None:
     """Change the password of one token+password keyslot (no data is re-encrypted)."""
-    with unlock_for_change(container, unlock) as unlocked:
+    with unlock_for_change(container, unlock, prompt="Current password: ") as unlocked:
         assert unlocked.token is not None and unlocked.share is not None
         index = unlocked.slot if slot_index is None else slot_index
         if index != unlocked.slot:
@@ -268,14 +315,14 @@ def passwd(
         )
         assert params is not None
         new_source = password_source(new_password_fd, new_password_file)
-        with read_new_password(new_source, "New password: ") as new_password:
+        with read_new_password(new_source, "New password: ", what="new password") as new_password:
             factor = token_factor(unlocked.token, unlocked.share)
             with factor.secret:
                 slot = new_password_slot(
                     unlocked.vault_uuid, index, unlocked.master, new_password, factor, params, old.label
                 )
         rewrite_header(unlocked, replace_slot(unlocked.header, index, slot))
-    click.echo(f"password of slot {index} changed")
+    say(f"password of slot {index} changed")
 
 
 @cli.group("recovery-key")
@@ -343,5 +390,5 @@ def slot_remove(
         raise UsageError("that is the last keyslot: removing it locks the vault forever (use --force)")
     with unlock_for_change(container, unlock) as unlocked:
         rewrite_header(unlocked, replace_slot(unlocked.header, slot_index, None))
-    click.echo(f"slot {slot_index} removed. Old copies of the header (in backups) still open with it;")
-    click.echo("if its token was stolen together with the password, move the files into a new vault.")
+    say(f"slot {slot_index} removed. Old copies of the header (in backups) still open with it;")
+    say(f"they give the vault's master key until you run 'kryptvault rekey {container}'.")

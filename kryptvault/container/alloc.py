@@ -19,6 +19,7 @@ class UnitMap:
         "_zeros",
         "cursor",
         "descriptor_units",
+        "free_units",
         "fresh",
         "held",
         "holds",
@@ -32,6 +33,8 @@ class UnitMap:
         self.units_per_group = units_per_group
         self.descriptor_units = descriptor_units
         self.cursor = 0
+        # FREE units, kept current so that the space check before every write is O(1).
+        self.free_units = 0
         self.fresh: list[tuple[int, int]] = []  # runs allocated in the running transaction
         self.pending: list[tuple[int, int]] = []  # durable runs freed in the running transaction
         self.held: list[tuple[int, int]] = []  # released while a backup hold was active
@@ -54,6 +57,7 @@ class UnitMap:
         if total <= old:
             return []
         self.map.extend(bytes(total - old))
+        self.free_units += total - old
         upg, desc = self.units_per_group, self.descriptor_units
         first_group = old // upg
         new_groups = []
@@ -61,6 +65,8 @@ class UnitMap:
             start = group * upg
             end = min(start + desc, total)
             if end > start:
+                lo = max(start, old)
+                self.free_units -= self.map.count(0, lo, max(end, lo))
                 self.map[start:end] = bytes([RESERVED]) * (end - start)
             if start >= old:
                 new_groups.append(group)
@@ -76,14 +82,25 @@ class UnitMap:
             if unit < 0:
                 return -1
         m[unit : unit + n] = self._fill[n]
+        self.free_units -= n
         self.fresh.append((unit, n))
         self.cursor = unit + n
         return unit
+
+    def take(self, unit: int, n: int) -> None:
+        """Allocate the given free run (a metadata block's second copy, placed by the store)."""
+        m = self.map
+        if m.count(0, unit, unit + n) != n:
+            raise RuntimeError(f"take of units {unit}+{n}, which are not free")
+        m[unit : unit + n] = self._fill[n]
+        self.free_units -= n
+        self.fresh.append((unit, n))
 
     def free(self, unit: int, n: int) -> None:
         state = self.map[unit]
         if state == FRESH:
             self.map[unit : unit + n] = self._zeros[n]
+            self.free_units += n
         elif state == USED:
             self.pending.append((unit, n))
         else:
@@ -92,7 +109,9 @@ class UnitMap:
     def mark_used(self, unit: int, n: int) -> bool:
         """Mark a run referenced by the durable commit; False if any unit was already taken."""
         m = self.map
-        clash = m.count(0, unit, unit + n) != n
+        zeros = m.count(0, unit, unit + n)
+        clash = zeros != n
+        self.free_units -= zeros
         m[unit : unit + n] = b"\x01" * n
         return not clash
 
@@ -106,6 +125,7 @@ class UnitMap:
             self.held.extend(self.pending)
         else:
             for unit, n in self.pending:
+                self.free_units += n - m.count(0, unit, unit + n)
                 m[unit : unit + n] = self._zeros[n]
         self.pending.clear()
 
@@ -118,8 +138,9 @@ class UnitMap:
         self.holds -= 1
         if self.holds == 0:
             for unit, n in self.held:
+                self.free_units += n - self.map.count(0, unit, unit + n)
                 self.map[unit : unit + n] = self._zeros[n]
             self.held.clear()
 
     def free_count(self) -> int:
-        return self.map.count(0)
+        return self.free_units

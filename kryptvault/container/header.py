@@ -11,8 +11,12 @@ import struct
 import uuid
 from dataclasses import dataclass, field, replace
 
+from kryptvault.container.commit import SEALED_SIZE
 from kryptvault.container.layout import (
     CIPHER_SUITE_AES256GCM_HKDF_ARGON2ID,
+    COMMIT_OFFSETS,
+    COMMIT_SLOT_SIZE,
+    DATA_AREA_OFFSET,
     FORMAT_VERSION,
     HEADER_COPY_SIZE,
     HEADER_OFFSETS,
@@ -161,6 +165,10 @@ class Header:
     def active_slots(self) -> list[tuple[int, Keyslot]]:
         return [(i, s) for i, s in enumerate(self.slots) if s is not None]
 
+    def slot_area(self) -> bytes:
+        """The encoded keyslots: two copies with equal slot areas unwrap alike."""
+        return self.body()[SLOTS_OFFSET : SLOTS_OFFSET + SLOT_COUNT * SLOT_SIZE]
+
 
 def decode_header(raw: bytes) -> Header:
     """Parse one header copy; FormatError says what is wrong with it."""
@@ -203,20 +211,88 @@ def decode_header(raw: bytes) -> Header:
     return header
 
 
+# The bytes of the fixed region that FORMAT.md §1 and §4.6 say are zero and that no
+# structure covers: each commit slot's padding after its sealed record, and the reserved
+# 24 KiB before the data area. (start, end, name)
+ZERO_REGIONS = (
+    *(
+        (offset + SEALED_SIZE, offset + COMMIT_SLOT_SIZE, f"the padding of commit slot {i}")
+        for i, offset in enumerate(COMMIT_OFFSETS)
+    ),
+    (COMMIT_OFFSETS[-1] + COMMIT_SLOT_SIZE, DATA_AREA_OFFSET, "the reserved area before the data area"),
+)
+HEADER_REGION = 2 * HEADER_COPY_SIZE
+
+
 @dataclass(frozen=True)
 class HeaderRead:
     header: Header
     copy_index: int
     damaged: tuple[tuple[int, str], ...]  # (copy index, reason) of copies that did not parse
+    # The other valid copies, best first: where an unlock falls back to when `header`
+    # does not authenticate (a key-less edit can make a forged copy look newest).
+    others: tuple[tuple[int, Header], ...] = ()
+    raw: bytes = field(default=b"", repr=False)  # both copies as read: was the header changed since?
+    nonzero: tuple[str, ...] = ()  # ZERO_REGIONS that are not zero
+    # Set while the copies name different vaults and no key has told which is genuine.
+    disagreement: str | None = None
 
     def damage_note(self) -> str | None:
-        if not self.damaged:
-            return None
-        names = ", ".join(f"copy {'AB'[i]} ({why})" for i, why in self.damaged)
-        return f"header {names} is damaged; opened with copy {'AB'[self.copy_index]}"
+        notes = [self.disagreement] if self.disagreement else []
+        if self.damaged:
+            names = ", ".join(f"copy {'AB'[i]} ({why})" for i, why in self.damaged)
+            notes.append(f"header {names} is damaged; opened with copy {'AB'[self.copy_index]}")
+        notes += [f"{what} is not zero" for what in self.nonzero]
+        return "; ".join(notes) or None
+
+    def copies(self) -> tuple[tuple[int, Header], ...]:
+        return ((self.copy_index, self.header), *self.others)
+
+    def opened_with(self, index: int, failed: list[tuple[int, str]]) -> HeaderRead:
+        """This read as it is once copy `index` has authenticated and the copies in
+        `failed` have not."""
+        header = dict(self.copies())[index]
+        copies = dict(self.copies())
+        failed = [
+            (i, f"names another vault, {copies[i].vault_uuid}"
+             if copies[i].vault_uuid != header.vault_uuid else why)
+            for i, why in failed
+        ]
+        # A copy of another vault that was never tried (it ranked below the one that
+        # opened) is as damaged as one that failed: it cannot be this vault's header.
+        failed += [(i, f"names another vault, {h.vault_uuid}") for i, h in self.others
+                   if h.vault_uuid != header.vault_uuid and i not in dict(failed)]
+        others = tuple((i, h) for i, h in self.others if i != index and i not in dict(failed))
+        return replace(
+            self, header=header, copy_index=index, damaged=(*self.damaged, *failed), others=others,
+            disagreement=None,
+        )
 
 
-def read_header(fd: int) -> HeaderRead:
+def header_unchanged(fd: int, read: HeaderRead) -> bool:
+    """Whether both header copies still hold what `read` saw (for read-modify-write under
+    header_lock: the sequence alone cannot tell, a forged copy may carry any sequence)."""
+    import os
+
+    return os.pread(fd, HEADER_REGION, 0) == read.raw
+
+
+def vaults_disagree(copies: list[tuple[int, Header]]) -> str | None:
+    """What to tell the user when the valid copies name different vault UUIDs, or None.
+    The checksum needs no key, so anyone can edit one copy's UUID; which copy is genuine
+    only its keyslots and MAC can tell, once unlocked."""
+    if len({h.vault_uuid for _, h in copies}) < 2:
+        return None
+    named = ", ".join(f"copy {'AB'[i]} says {h.vault_uuid}" for i, h in sorted(copies, key=lambda c: c[0]))
+    return (f"the two header copies disagree about the vault ({named}): one of them was altered "
+            "or damaged; unlocking it (mount, fsck) finds the genuine one, and "
+            "'kryptvault fsck --repair' rewrites the other")
+
+
+def read_header(fd: int, *, allow_disagreement: bool = False) -> HeaderRead:
+    """Both copies, the newest-looking first. Copies naming different vaults are an
+    error (FormatError, saying so) unless `allow_disagreement`: for an unlock, which tries
+    each copy on its own and so finds the genuine one."""
     import os
 
     size = os.fstat(fd).st_size
@@ -228,8 +304,9 @@ def read_header(fd: int) -> HeaderRead:
     results: list[tuple[int, Header]] = []
     damaged: list[tuple[int, str]] = []
     magic_seen = False
+    region = os.pread(fd, HEADER_REGION, 0)
     for index, offset in enumerate(HEADER_OFFSETS):
-        raw = os.pread(fd, HEADER_COPY_SIZE, offset)
+        raw = region[offset : offset + HEADER_COPY_SIZE]
         magic_seen |= raw[:8] == MAGIC
         try:
             results.append((index, decode_header(raw)))
@@ -242,7 +319,10 @@ def read_header(fd: int) -> HeaderRead:
         if versions:
             raise FormatError(versions[0])
         raise FormatError("both header copies are damaged: " + "; ".join(why for _, why in damaged))
-    index, header = max(results, key=lambda r: r[1].sequence)
-    if len({h.vault_uuid for _, h in results}) > 1:
-        raise FormatError("the two header copies belong to different vaults")
-    return HeaderRead(header, index, tuple(damaged))
+    disagreement = vaults_disagree(results)
+    if disagreement is not None and not allow_disagreement:
+        raise FormatError(disagreement)
+    ranked = sorted(results, key=lambda r: r[1].sequence, reverse=True)
+    index, header = ranked[0]
+    nonzero = tuple(what for start, end, what in ZERO_REGIONS if any(os.pread(fd, end - start, start)))
+    return HeaderRead(header, index, tuple(damaged), tuple(ranked[1:]), region, nonzero, disagreement)

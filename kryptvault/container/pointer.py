@@ -18,7 +18,8 @@ nonce_source: Callable[[], bytes] = new_nonce
 # --- block pointer: 40 bytes ---------------------------------------------------------
 #  0  u64  first allocation unit (index into the data area); 0 = hole
 #  8  u16  stored length in allocation units (0 iff hole)
-# 10  u16  flags (must be 0 in format 1)
+# 10  i16  ditto: chunks from copy 1 to the block's second copy, 0 = one copy (stored
+#          as a u16 here; 0 in store format 1, where it was "flags"; FORMAT.md §4.2)
 # 12  12B  GCM nonce
 # 24  16B  GCM tag
 POINTER = struct.Struct("<QHH12s16s")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
 import threading
@@ -30,7 +31,13 @@ from dataclasses import dataclass
 
 from kryptvault.container import pointer as fmt
 from kryptvault.container.alloc import FRESH, UnitMap
-from kryptvault.container.commit import CommitRecord, read_latest_commit, seal_commit
+from kryptvault.container.commit import (
+    LINEAGE_SIZE,
+    CommitDamage,
+    CommitRecord,
+    inspect_commits,
+    seal_commit,
+)
 from kryptvault.container.groups import (
     GroupGeometry,
     changed_chunks_since,
@@ -45,6 +52,7 @@ from kryptvault.errors import FormatError, IntegrityError, KryptvaultError
 __all__ = [
     "BlockIntegrityError",
     "Damage",
+    "NoSpace",
     "NonceBudgetExhausted",
     "ObjectStore",
     "StoreClosed",
@@ -68,6 +76,27 @@ _WRITE_BATCH_IOVECS = 512
 _KEEP_CLEAN_STREAMS = 4096
 _DIRECT_BUDGET_MARGIN = 1 << 20
 _DIRECT_MIN_BYTES = 512 * 1024  # writes this large seal their whole blocks at once
+# Every metadata block (object-table blocks, indirect blocks) is stored twice, the copies
+# far apart (docs/FORMAT.md §4.2 "ditto"): space estimates multiply metadata by this.
+METADATA_COPIES = 2
+_DITTO_MAX = 0x7FFF  # the ditto field is an i16 count of chunks
+# Object-table entry flag (format 2): the object's data stream is filesystem metadata
+# (a directory's entries), so its data blocks get second copies too.
+ENTRY_METADATA = 0x02
+# Space kept free for the commits of operations that free space (unlink, truncate): on
+# a full vault they still work, and their commit makes the freed units reusable.
+RESERVE_BYTES = 2 * 1024 * 1024
+# Host space never counted as the vault's: the host filesystem's own metadata (extent
+# blocks of the growing container) and rounding.
+HOST_MARGIN_BYTES = 1024 * 1024
+# Metadata blocks one change may dirty besides its data blocks: indirect blocks on the
+# path of a stream up to depth 3 (files up to ~175 GiB with 64 KiB blocks), twice for a
+# span crossing an indirect block, plus the object-table entry's block.
+OP_META_BLOCKS = 7
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# How old a look at the host's free space may be for a write that clearly fits: a fresh
+# statvfs for every 4 KiB write costs more than the rest of the check.
+HOST_STATFS_AGE = 0.25
 
 
 class BlockIntegrityError(IntegrityError):
@@ -85,6 +114,13 @@ class NonceBudgetExhausted(KryptvaultError):
 
 class UnknownObject(KryptvaultError, LookupError):
     """The oid is not in use."""
+
+
+class NoSpace(OSError):
+    """The container cannot grow on the host filesystem (ENOSPC). Nothing was changed."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(errno.ENOSPC, detail)
 
 
 class StoreClosed(KryptvaultError):
@@ -113,7 +149,7 @@ class StoreStats:
 
 
 class _Stream:
-    __slots__ = ("depth", "dirty", "meta_dirty", "oid", "root", "size", "stream")
+    __slots__ = ("depth", "dirty", "meta_dirty", "oid", "root", "size", "stream", "units")
 
     def __init__(self, oid: int, stream: int, size: int, depth: int, root: bytes) -> None:
         self.oid = oid
@@ -125,6 +161,23 @@ class _Stream:
         # Invariant: if (L, i) is dirty and L < depth then (L + 1, i // fanout) is dirty.
         self.dirty: dict[tuple[int, int], bytearray] = {}
         self.meta_dirty = False  # size/depth/root differ from the table entry
+        # Units of every flushed block the tree (dirty nodes included) points to; -1 until
+        # `stored_units` first walks it, then kept up to date wherever a pointer changes.
+        self.units = -1
+
+
+def _ditto(flags: int) -> int:
+    """The pointer's i16 ditto field (stored in the u16 at offset 10): the distance in
+    chunks from copy 1 to the block's second copy, 0 for a block with one copy."""
+    return flags - 0x10000 if flags & 0x8000 else flags
+
+
+def _ptr_units(ptr: bytes) -> int:
+    """Allocation units a block pointer's runs occupy, both copies (0 for a hole)."""
+    if ptr == HOLE:
+        return 0
+    units, flags = fmt.POINTER.unpack_from(ptr)[1:3]
+    return int(units) * (2 if flags else 1)
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -139,6 +192,32 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _SYNC_FILE_RANGE = _load_sync_file_range()
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's fallocate(2) wrapper (Linux), called without the GIL; None where unavailable."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_FALLOCATE = _load_fallocate()
+
+
+def _allocate(fd: int, offset: int, length: int) -> None:
+    """Give [offset, offset+length) disk blocks (the file grows to cover it): fallocate(2),
+    not posix_fallocate, whose fallback on filesystems without it writes every block.
+    Raises OSError; EOPNOTSUPP where the host cannot preallocate."""
+    if _FALLOCATE is None:  # pragma: no cover - not Linux
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+    while _FALLOCATE(fd, 0, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait
 
 
@@ -202,6 +281,19 @@ class _Writer:
         self._bytes += length
         self._next = unit + units
         return tag
+
+    def put(self, unit: int, data: bytes) -> None:
+        """Queue ciphertext sealed elsewhere (a metadata block's copies) for `unit`, after
+        the run collected so far."""
+        self.submit()
+        offset = self._store.layout.unit_offset(unit)
+        with self._cond:
+            self._queue.append(([memoryview(data)], offset, None))
+            self._pending += 1
+            self._cond.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kv-store-writer", daemon=True)
+                self._thread.start()
 
     def _take_stage(self) -> memoryview:
         with self._cond:
@@ -370,7 +462,21 @@ class ObjectStore:
         self._crash_after = int(crash) if crash else 0
         self._read_only = read_only
         self._failed: str | None = None
+        # Why the last flush or commit could not allocate (the host disk filled up); the
+        # store stays consistent and a later commit may succeed. Cleared by one that does.
+        self._stalled: str | None = None
+        # Every unit inside the file has disk blocks (see _grow_file): free units count
+        # as room. False if a preallocation failed, then only the host's space counts.
+        self._backed = True
+        self._host_room: tuple[float, int] | None = None  # (monotonic time, units): statvfs
         self._open_damage: list[Damage] = []
+        # (oid, stream, level, index) -> why one copy of that metadata block is bad while
+        # the other one authenticated (reads fall back; fsck reports, --repair rewrites).
+        self._bad_copies: dict[tuple[int, int, int, int], str] = {}
+        self._meta_oids: set[int] = set()  # entries flagged ENTRY_METADATA
+        self._commit_damage: CommitDamage | None = None
+        self._lost_commit_held = False  # newest record lost and not acknowledged: no writes
+        self.lineage = bytes(LINEAGE_SIZE)
         self._closed = False
 
     @classmethod
@@ -408,17 +514,29 @@ class ObjectStore:
         dirty_limit: int = DEFAULT_DIRTY_LIMIT,
         cache_limit: int = DEFAULT_CACHE_LIMIT,
         read_only: bool = False,
+        accept_lost_commit: bool = False,
     ) -> ObjectStore:
         """Open the last durable commit. If metadata is damaged (see `open_damage`) the
-        store opens read-only: free space cannot be known, so nothing may be written."""
+        store opens read-only: free space cannot be known, so nothing may be written.
+        If the newest commit record is damaged (`commit_damage`), it opens read-only too
+        unless `accept_lost_commit`: the units the lost generation referenced count as
+        free in the generation opened, and the first commit would reuse them."""
         self = cls(fd, layout, vault_uuid, data_key, meta_key,
                    dirty_limit=dirty_limit, cache_limit=cache_limit, read_only=read_only)
         with self._lock:
             self._load()
+            damage = self._commit_damage
+            if damage is not None and damage.newest_lost and not accept_lost_commit:
+                self._read_only = True
+                self._lost_commit_held = True
+            if not self._read_only:
+                self._preallocate()
         return self
 
     def _load(self) -> None:
-        rec = read_latest_commit(self._fd, self._meta, self._uuid)
+        slots, self._commit_damage = inspect_commits(self._fd, self.layout, self._meta, self._uuid)
+        rec = slots.latest
+        self.lineage = rec.lineage
         if rec.block_size != self._bs or rec.unit_size != self._us:
             raise FormatError(
                 f"commit record says block/unit size {rec.block_size}/{rec.unit_size}, "
@@ -462,6 +580,8 @@ class ObjectStore:
                     damage.append(Damage(0, 0, -1, 0, "object-table entry 0 is marked in use"))
                     continue
                 inuse[oid] = 1
+                if blk[base] & ENTRY_METADATA:
+                    self._meta_oids.add(oid)
                 for st, off in ((0, r0), (1, r1)):
                     _ssize, sdepth, sroot = fmt.unpack_root(blk, base + off)
                     if sdepth > self._max_depth:
@@ -476,14 +596,18 @@ class ObjectStore:
         unit, units, flags, _n, _t = fmt.unpack_pointer(ptr)
         if unit == 0:
             return "malformed block pointer (hole with nonzero fields)"
-        if flags:
-            return f"block pointer has unknown flags {flags:#x}"
         if not 1 <= units <= self._upc:
             return f"block pointer has bad stored length {units}"
         if unit + units > self._units.total:
             return f"block pointer to units {unit}+{units} beyond the container"
         if self._units.is_descriptor(unit, units):
             return f"block pointer to units {unit}+{units} overlaps a group descriptor"
+        if flags:
+            copy2 = unit + _ditto(flags) * self._upc
+            if copy2 <= 0 or copy2 + units > self._units.total:
+                return f"second copy at units {copy2}+{units} beyond the container"
+            if self._units.is_descriptor(copy2, units):
+                return f"second copy at units {copy2}+{units} overlaps a group descriptor"
         return None
 
     def _mark_tree(self, oid: int, stream: int, level: int, index: int, ptr: bytes) -> None:
@@ -495,10 +619,12 @@ class ObjectStore:
         if problem is not None:
             self._open_damage.append(Damage(oid, stream, level, index, problem))
             return
-        unit, units = fmt.POINTER.unpack_from(ptr)[:2]
-        if not self._units.mark_used(unit, units):
-            self._open_damage.append(
-                Damage(oid, stream, level, index, f"units {unit}+{units} referenced twice"))
+        unit, units, flags = fmt.POINTER.unpack_from(ptr)[:3]
+        runs = [unit, unit + _ditto(flags) * self._upc] if flags else [unit]
+        for first in runs:
+            if not self._units.mark_used(first, units):
+                self._open_damage.append(
+                    Damage(oid, stream, level, index, f"units {first}+{units} referenced twice"))
         if level == 0:
             return
         try:
@@ -536,19 +662,62 @@ class ObjectStore:
         within = total % upg
         if 0 < within < desc:
             total += desc - within  # never end inside a descriptor
+        if grow_file:  # first: if the file cannot grow, the unit map must not either
+            self._grow_file(self.layout.unit_offset(total))
         for group in self._units.resize(total):
             self._touched.add(group * self._cpg)
-        if grow_file:
-            self._grow_file(self.layout.unit_offset(total))
 
     def _grow_file(self, size: int) -> None:
-        os.ftruncate(self._fd, size)
+        """Grow the container with its disk blocks allocated, not as a sparse file: a full
+        host disk then shows here, where nothing has been changed yet, instead of as a
+        failed write of sealed blocks (or a failed fdatasync) in the middle of a commit."""
+        fd = self._fd
+        self._host_room = None
+        old = os.fstat(fd).st_size
+        if size <= old:
+            os.ftruncate(fd, size)
+            return
+        try:
+            _allocate(fd, old, size - old)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, old)  # give back what a partial allocation took
+                raise
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            os.ftruncate(fd, size)  # a host that cannot preallocate: sparse, as before
+            self._backed = False
+
+    def _preallocate(self) -> None:
+        """Give every hole of an existing container (one grown sparse by an older version,
+        or copied sparse) its disk blocks, so free units inside it are real room."""
+        fd = self._fd
+        start = self.layout.data_offset
+        size = os.fstat(fd).st_size
+        if size <= start:
+            return
+        try:
+            _allocate(fd, start, size - start)
+        except OSError:
+            self._backed = False  # free units inside it may be holes: they do not count
 
     def _alloc(self, units: int) -> int:
         unit = self._units.alloc(units)
         while unit < 0:
             total = self._units.total
-            self._resize(total + max(2 * units + self._upc, total // 8, 256))
+            try:
+                self._resize(total + max(2 * units + self._upc, total // 8, 256))
+            except OSError as exc:
+                if exc.errno not in _NO_SPACE:
+                    raise
+                try:  # the generous step does not fit: exactly what this block needs
+                    self._resize(total + units + self._upc)
+                except OSError as exc2:
+                    if exc2.errno not in _NO_SPACE:
+                        raise
+                    raise NoSpace(
+                        f"the disk holding the container is full ({exc2.strerror})") from None
             unit = self._units.alloc(units)
         return unit
 
@@ -587,18 +756,36 @@ class ObjectStore:
         self, oid: int, stream: int, level: int, index: int, ptr: bytes
     ) -> bytes | bytearray:
         """Read and authenticate one block from disk: its stored form (trailing zero units
-        stripped)."""
+        stripped). A block with a second copy is read from copy 2 when copy 1 fails; the
+        bad copy is remembered (`bad_copies`) for fsck to report and repair."""
         problem = self._ptr_problem(ptr)
         if problem is not None:
             raise BlockIntegrityError(oid, stream, level, index, problem)
-        unit, units, _flags, nonce, tag = fmt.unpack_pointer(ptr)
+        unit, _units, flags, _nonce, _tag = fmt.unpack_pointer(ptr)
+        got = self._read_copy(oid, stream, level, index, ptr, unit)
+        if not isinstance(got, str):
+            return got
+        if not flags:
+            raise BlockIntegrityError(oid, stream, level, index, got)
+        second = self._read_copy(oid, stream, level, index, ptr, unit + _ditto(flags) * self._upc)
+        if isinstance(second, str):
+            raise BlockIntegrityError(
+                oid, stream, level, index, f"both copies are unreadable (copy 1: {got}; copy 2: {second})")
+        self._bad_copies[(oid, stream, level, index)] = f"copy 1: {got}"
+        return second
+
+    def _read_copy(
+        self, oid: int, stream: int, level: int, index: int, ptr: bytes, unit: int
+    ) -> bytes | bytearray | str:
+        """One copy of a block, authenticated, or why it is unreadable."""
+        _unit, units, _flags, nonce, tag = fmt.unpack_pointer(ptr)
         if self._aw.busy and self._units.map[unit] == FRESH:
             self._drain()  # sealed in this transaction: its write may still be queued
         length = units * self._us
         sealed = memoryview(self._scratch)[: length + 16]
         got = os.preadv(self._fd, [sealed[:length]], self.layout.unit_offset(unit))
         if got != length:
-            raise BlockIntegrityError(oid, stream, level, index, "block lies past the end of the container")
+            return "block lies past the end of the container"
         sealed[length:] = tag
         aad = fmt.block_aad(self._uuid, oid, stream, level, index, length)
         # Always fresh memory here, never a pooled buffer: a caller may still hold a view
@@ -606,7 +793,7 @@ class ObjectStore:
         try:
             return self._data.open(nonce, sealed, aad)
         except AuthenticationFailed:
-            raise BlockIntegrityError(oid, stream, level, index, "failed authentication") from None
+            return "failed authentication"
 
     def _fetch(self, oid: int, stream: int, level: int, index: int, ptr: bytes) -> bytes | bytearray:
         hit = self._cache.get(ptr)
@@ -756,19 +943,21 @@ class ObjectStore:
         """Seal a whole new version of data block `idx` now (copy-on-write into fresh units,
         queued on the writer) and point its parent at it; a dirty copy is dropped."""
         bs = self._bs
-        old_dirty = s.dirty.pop((0, idx), None)
-        if old_dirty is not None:
-            self._dirty_bytes -= bs
-            if len(self._pool) < self._pool_max:
-                self._pool.append(old_dirty)
         parent = None
         if s.depth:  # idx < cap[depth]: _write_into grew the tree
             parent = self._block_for_write(s, 1, idx // self._fanout)
         try:
             new = self._seal(s, 0, idx, plain, self._aw)
+        except NoSpace:
+            raise  # nothing changed: the write fails with ENOSPC, the store stays usable
         except BaseException as exc:
             self._fail(exc)
             raise
+        old_dirty = s.dirty.pop((0, idx), None)
+        if old_dirty is not None:
+            self._dirty_bytes -= bs
+            if len(self._pool) < self._pool_max:
+                self._pool.append(old_dirty)
         if parent is None:
             old, s.root = s.root, new
             s.meta_dirty = True
@@ -776,9 +965,11 @@ class ObjectStore:
             off = (idx % self._fanout) * PTR
             old = bytes(parent[off : off + PTR])
             parent[off : off + PTR] = new
+        if s.units >= 0:
+            s.units += _ptr_units(new) - _ptr_units(old)
         if old != HOLE:
             self._cache_pop(old)
-            self._units.free(*fmt.POINTER.unpack_from(old)[:2])
+            self._free_ptr(old)
 
     def _read_from(self, s: _Stream, offset: int, size: int) -> bytes:
         if offset >= s.size or size <= 0:
@@ -837,6 +1028,7 @@ class ObjectStore:
             s.dirty.clear()
             s.root = HOLE
             s.depth = 0
+            s.units = 0  # also when an unreadable node hid what it pointed to
             return
         if s.depth >= 1 and first < self._cap[s.depth]:
             self._drop_from(s, s.depth, 0, first)
@@ -852,7 +1044,9 @@ class ObjectStore:
                 node = self._fetch(s.oid, s.stream, s.depth, 0, s.root)
             child = bytes(node[:PTR]) if node is not None and len(node) >= PTR else HOLE
             if s.root != HOLE:
-                self._units.free(*fmt.POINTER.unpack_from(s.root)[:2])
+                self._free_ptr(s.root)
+                if s.units >= 0:
+                    s.units -= _ptr_units(s.root)
             s.root = child
             s.depth -= 1
 
@@ -882,7 +1076,9 @@ class ObjectStore:
     def _free_subtree(self, s: _Stream, level: int, index: int, ptr: bytes) -> None:
         """Free the units of a subtree's flushed blocks (dirty copies override contents)."""
         if ptr != HOLE:
-            self._units.free(*fmt.POINTER.unpack_from(ptr)[:2])
+            self._free_ptr(ptr)
+            if s.units >= 0:
+                s.units -= _ptr_units(ptr)
         if level == 0:
             return
         node: bytes | bytearray | None = s.dirty.get((level, index))
@@ -914,17 +1110,120 @@ class ObjectStore:
                 "the data key has reached its limit of 2**32 encryptions; "
                 "rekey the vault (copy it into a new one) before writing more"
             )
-        unit = self._alloc(units)
+        meta = bool(level) or s is self._table or (s.stream == 0 and s.oid in self._meta_oids)
+        unit, ditto = self._alloc_metadata(units) if meta else (self._alloc(units), 0)
         length = units * us
         nonce = fmt.nonce_source()
         aad = fmt.block_aad(self._uuid, s.oid, s.stream, level, index, length)
-        tag = w.seal(unit, units, nonce, memoryview(buf)[:length], aad)
+        upc = self._upc
+        if meta:
+            # The same ciphertext twice, far apart (one nonce, one tag).
+            sealed = self._data.seal(nonce, memoryview(buf)[:length], aad)
+            tag = sealed[length:]
+            ct = sealed[:length]
+            w.put(unit, ct)
+            if ditto:
+                copy2 = unit + ditto * upc
+                w.put(copy2, ct)
+                self._flushed_bytes += length
+                self._touched.add(copy2 // upc)
+                self._touched.add((copy2 + units - 1) // upc)
+        else:
+            tag = w.seal(unit, units, nonce, memoryview(buf)[:length], aad)
         self._enc_count += 1
         self._flushed_bytes += length
-        upc = self._upc
         self._touched.add(unit // upc)
         self._touched.add((unit + units - 1) // upc)
-        return fmt.POINTER.pack(unit, units, 0, nonce, tag)
+        return fmt.POINTER.pack(unit, units, ditto & 0xFFFF, nonce, tag)
+
+    def _alloc_metadata(self, units: int) -> tuple[int, int]:
+        """Both runs of a metadata block -> (copy 1's unit, ditto in chunks). One copy
+        goes to the lowest hole behind the next-fit cursor (preferably in the lower half
+        of the data area), the other to the first run at the same chunk offset at or
+        after the cursor: copy-on-write keeps freeing old metadata low in the file, so
+        the copies end up far apart, one of them away from the data appended at the
+        end (a truncated container keeps it). Without such a hole: `_alloc_ditto`."""
+        upc = self._upc
+        um = self._units
+        behind = min(um.cursor, um.total)
+        pat = bytes(units)
+        for hi in (min(behind, um.total // 2), behind):
+            hole = um.map.find(pat, upc, hi) if hi > upc else -1
+            if hole < 0:
+                continue
+            ch, off = divmod(hole, upc)
+            chunks = um.total // upc
+            lo, hi_c = max(ch + 1, behind // upc), min(chunks, ch + _DITTO_MAX + 1)
+            c1 = self._free_aligned(units, off, lo, hi_c, ch)
+            if c1 < 0:
+                continue
+            first = c1 * upc + off
+            um.take(first, units)
+            um.take(hole, units)
+            um.cursor = max(um.cursor, first + units)
+            return first, ch - c1
+        unit = self._alloc(units)
+        return unit, self._alloc_ditto(unit, units)
+
+    def _alloc_ditto(self, unit: int, units: int) -> int:
+        """Allocate the second copy of a metadata block at `unit`: a free run at the same
+        offset in another chunk. First choice: a hole (behind the next-fit cursor, so
+        that sequential data stays contiguous) in the other half of the data area, else
+        the lowest hole in reach; copy-on-write keeps freeing old metadata there, so
+        copies drift to the start of the file, away from the data appended at its end,
+        and survive a truncation. Else the first free run after copy 1 (the cursor moves
+        past it), growing the file once if needed. Returns the distance in chunks (0: no
+        room in reach of the i16 field; the block keeps one copy until rewritten)."""
+        upc = self._upc
+        c1, off = divmod(unit, upc)
+        units_map = self._units
+        for attempt in range(2):
+            chunks = units_map.total // upc
+            half = chunks // 2
+            near_lo, near_hi = max(1, c1 - _DITTO_MAX), min(chunks, c1 + _DITTO_MAX + 1)
+            behind = min(chunks, units_map.cursor // upc)
+            other = (near_lo, min(half, behind)) if c1 >= half else (max(half, c1 + 1), min(near_hi, behind))
+            for lo, hi in (other, (near_lo, min(c1, behind)), (c1 + 1, near_hi)):
+                c2 = self._free_aligned(units, off, lo, hi, c1)
+                if c2 >= 0:
+                    first = c2 * upc + off
+                    units_map.take(first, units)
+                    units_map.cursor = max(units_map.cursor, first + units)
+                    return c2 - c1
+            if attempt == 0:
+                total = units_map.total
+                try:
+                    self._resize(total + max(2 * units + upc, total // 8, 256))
+                except OSError as exc:
+                    if exc.errno not in _NO_SPACE:
+                        raise
+                    return 0  # the host disk is full: one copy beats a failed flush
+        return 0
+
+    def _free_aligned(self, units: int, offset: int, lo: int, hi: int, skip: int) -> int:
+        """A chunk c in [lo, hi), not `skip`, whose units c*upc+offset ... +units are free; -1 if none."""
+        upc = self._upc
+        m = self._units.map
+        pat = bytes(units)
+        pos = lo * upc + offset
+        end = min(hi * upc, len(m))
+        while pos < end:
+            found = m.find(pat, pos, end)
+            if found < 0:
+                return -1
+            rem = (found - offset) % upc
+            cand = found if rem == 0 else found + upc - rem
+            if cand + units <= end and m[cand : cand + units] == pat and cand // upc != skip:
+                return cand // upc
+            pos = cand + 1  # the next candidate is the next aligned position
+        return -1
+
+    def _free_ptr(self, ptr: bytes) -> None:
+        """Free both runs of a block pointer (reusable at once or after the next commit)."""
+        unit, units, flags = fmt.POINTER.unpack_from(ptr)[:3]
+        self._units.free(unit, units)
+        if flags:
+            self._units.free(unit + _ditto(flags) * self._upc, units)
 
     def _flush_stream(self, s: _Stream) -> None:
         if s.dirty:
@@ -932,9 +1231,12 @@ class ObjectStore:
             w = self._aw
             for key in sorted(s.dirty):
                 level, index = key
-                buf = s.dirty.pop(key)
-                self._dirty_bytes -= bs
+                buf = s.dirty[key]
+                # Sealed first: if no unit can be had, the block stays dirty and the
+                # store consistent, so a later flush (once there is space) can finish.
                 new = self._seal(s, level, index, buf, w)
+                del s.dirty[key]
+                self._dirty_bytes -= bs
                 if level == s.depth:
                     old, s.root = s.root, new
                 else:
@@ -942,8 +1244,10 @@ class ObjectStore:
                     off = (index % f) * PTR
                     old = bytes(parent[off : off + PTR])
                     parent[off : off + PTR] = new
+                if s.units >= 0:
+                    s.units += _ptr_units(new) - _ptr_units(old)
                 if old != HOLE:
-                    self._units.free(*fmt.POINTER.unpack_from(old)[:2])
+                    self._free_ptr(old)
                 if new != HOLE and (level or s is self._table):
                     self._cache_put(new, buf)  # metadata stays cached
                 elif len(self._pool) < self._pool_max:
@@ -970,9 +1274,16 @@ class ObjectStore:
             )
         try:
             while self._dirty_streams:
-                _key, s = self._dirty_streams.popitem()
-                self._flush_stream(s)
+                key, s = self._dirty_streams.popitem()
+                try:
+                    self._flush_stream(s)
+                except NoSpace:
+                    self._dirty_streams[key] = s  # its remaining dirty blocks
+                    raise
             self._flush_stream(self._table)
+        except NoSpace as exc:
+            self._stalled = exc.strerror or str(exc)
+            raise
         except BaseException as exc:
             self._fail(exc)
             raise
@@ -1012,6 +1323,10 @@ class ObjectStore:
         if self._failed is not None:
             raise StoreClosed(f"the object store failed earlier ({self._failed}); reopen the vault")
         if self._read_only:
+            if self._lost_commit_held and self._commit_damage is not None:
+                raise IntegrityError(
+                    f"{self._commit_damage.describe()}; the vault is open read-only until "
+                    "that loss is acknowledged (mount --accept-lost-commit)")
             if self._open_damage:
                 raise IntegrityError(
                     "the vault's metadata is damaged, so it is open read-only; run fsck")
@@ -1051,6 +1366,7 @@ class ObjectStore:
             entry[0] = fmt.ENTRY_IN_USE
             self._write_into(self._table, oid * fmt.ENTRY_SIZE, memoryview(entry))
             self._inuse[oid] = 1
+            self._meta_oids.discard(oid)
             for st in (0, 1):
                 self._streams.pop((oid, st), None)
             if self._dirty_bytes > self._dirty_limit:
@@ -1068,6 +1384,23 @@ class ObjectStore:
                 self._dirty_streams.pop((oid, st), None)
             self._write_into(self._table, oid * fmt.ENTRY_SIZE, memoryview(bytes(fmt.ENTRY_SIZE)))
             self._inuse[oid] = 0
+            self._meta_oids.discard(oid)
+
+    def mark_metadata(self, oid: int) -> None:
+        """Flag the object's data stream as filesystem metadata (a directory): from now on
+        its data blocks are written with a second copy, like the object table's."""
+        with self._lock:
+            self._check_writable()
+            self._check_oid(oid)
+            if oid in self._meta_oids:
+                return
+            flags = bytes([fmt.ENTRY_IN_USE | ENTRY_METADATA])
+            self._write_into(self._table, oid * fmt.ENTRY_SIZE, memoryview(flags))
+            self._meta_oids.add(oid)
+
+    def is_metadata(self, oid: int) -> bool:
+        with self._lock:
+            return oid in self._meta_oids
 
     def oid_in_use(self, oid: int) -> bool:
         """True for objects in use, and for oids whose table block is damaged (accessing
@@ -1141,6 +1474,47 @@ class ObjectStore:
             self._check_open()
             return self._stream(oid, stream).size
 
+    def stored_bytes(self, oid: int, stream: int) -> int:
+        """Bytes the stream really occupies: the units of its data and indirect blocks as
+        stored (trailing zero units stripped, holes free). A dirty data block counts as
+        what it would store now, instead of its flushed version (`st_blocks`, `du`)."""
+        with self._lock:
+            self._check_open()
+            s = self._stream(oid, stream)
+            if s.units < 0:
+                s.units = self._count_units(s)
+            n = s.units
+            us = self._us
+            copies = METADATA_COPIES if stream == 0 and oid in self._meta_oids else 1
+            for (level, index), buf in s.dirty.items():
+                if level == 0:
+                    n += copies * fmt.stored_units(buf, us) - _ptr_units(self._ptr_of(s, 0, index))
+            return max(n, 0) * us
+
+    def _count_units(self, s: _Stream) -> int:
+        """Walk the tree once (indirect blocks only; dirty nodes stand in for theirs)."""
+        f = self._fanout
+        total = 0
+        stack = [(s.depth, 0, s.root)]
+        while stack:
+            level, index, ptr = stack.pop()
+            total += _ptr_units(ptr)
+            if level == 0:
+                continue
+            node: bytes | bytearray | None = s.dirty.get((level, index))
+            if node is None:
+                if ptr == HOLE:
+                    continue
+                try:
+                    node = self._fetch(s.oid, s.stream, level, index, ptr)
+                except BlockIntegrityError:
+                    continue  # unreadable: what it points to cannot be counted
+            for c in range(min(f, -(-len(node) // PTR))):
+                cptr = bytes(node[c * PTR : (c + 1) * PTR]).ljust(PTR, b"\0")
+                if cptr != HOLE or (level - 1, index * f + c) in s.dirty:
+                    stack.append((level - 1, index * f + c, cptr))
+        return total
+
     def flush(self) -> None:
         """Encrypt and write every dirty block to free units without committing."""
         with self._lock:
@@ -1174,6 +1548,7 @@ class ObjectStore:
                     encryptions=self._enc_count,
                     timestamp_ns=time.time_ns(),
                     next_oid=next_oid if next_oid > 0 else len(self._inuse),
+                    lineage=self.lineage,
                 )
                 image = seal_commit(self._meta, self._uuid, rec, fmt.nonce_source())
                 self._pwrite([image], COMMIT_OFFSETS[gen % 2])
@@ -1184,11 +1559,108 @@ class ObjectStore:
                 self._fail(exc)
                 raise
             self.generation = gen
+            if self._commit_damage is not None and gen % 2 == self._commit_damage.slot:
+                self._commit_damage = None  # the damaged slot holds this commit now
             self._units.commit_done()
             self._touched.clear()
             self._txn_dirty = False
             self._flushed_bytes = 0
+            self._stalled = None
             return gen
+
+    # ------------------------------------------------------------------ space
+    def _commit_need_units(self, data_blocks: int, meta_blocks: int) -> int:
+        """THE estimate of the units a commit may still allocate for `data_blocks` data
+        blocks and `meta_blocks` metadata blocks (indirect and object-table blocks) that
+        are not sealed yet: every block as a full one (no credit for trailing zeros).
+        Units already sealed in this transaction are allocated, so they need nothing more;
+        the commit record and the group descriptors are written in place (fixed slots,
+        units reserved when a group begins), so they need no units either. Metadata
+        blocks are stored METADATA_COPIES times (ditto copies): adjust here, only here."""
+        return (data_blocks + METADATA_COPIES * meta_blocks) * self._upc
+
+    def _entry_blocks(self, entries: int) -> int:
+        """Object-table blocks a flush may dirty to store `entries` changed entries, on
+        top of those dirty already: one block each at most, plus the table's own path."""
+        table = self._table
+        blocks = -(-table.size // self._bs) + 1
+        return min(entries, blocks) + table.depth + 1
+
+    def _dirty_split(self) -> tuple[int, int]:
+        """(data, metadata) blocks dirty now."""
+        meta = len(self._table.dirty)
+        data = 0
+        for s in self._dirty_streams.values():
+            for level, _index in s.dirty:
+                if level:
+                    meta += 1
+                else:
+                    data += 1
+        return data, meta
+
+    def commit_need(self, pending_entries: int = 0) -> int:
+        """Bytes of container space a commit of everything accepted so far may still need
+        (`pending_entries`: object-table entries the caller has yet to write)."""
+        with self._lock:
+            data, meta = self._dirty_split()
+            meta += self._entry_blocks(len(self._dirty_streams) + pending_entries)
+            return self._commit_need_units(data, meta) * self._us
+
+    def room(self, *, freeing: bool = False) -> int:
+        """Bytes the vault can still give to commits: free units inside the container
+        plus what it can grow into on the host filesystem, less the reserve that only
+        space-freeing operations may use."""
+        with self._lock:
+            return self._room_units(freeing) * self._us
+
+    def _room_units(self, freeing: bool, *, fresh: bool = True) -> int:
+        """Room in units; `fresh=False` may use the host's free space as seen up to
+        HOST_STATFS_AGE ago (a refusal is always decided on a fresh look)."""
+        us = self._us
+        free = self._units.free_units if self._backed else 0
+        now = time.monotonic()
+        cached = self._host_room
+        if not fresh and cached is not None and now - cached[0] < HOST_STATFS_AGE:
+            grow = cached[1]
+        else:
+            try:
+                host = os.fstatvfs(self._fd)
+                grow = max(0, host.f_bavail * host.f_frsize - HOST_MARGIN_BYTES) // us
+            except OSError:
+                grow = 0
+            # Growth begins new groups, each with its descriptor.
+            upg = self._geom.units_per_group
+            grow = max(0, grow - -(-grow // upg) * self._upc)
+            self._host_room = (now, grow)
+        reserve = 0 if freeing else RESERVE_BYTES // us
+        return free + grow - reserve
+
+    def check_room(
+        self, data_bytes: int = 0, *, pending_entries: int = 0, freeing: bool = False
+    ) -> bool:
+        """Whether a change that writes `data_bytes` (anywhere: one more block counted for
+        a span that is not block-aligned) and the metadata on its way still leaves room to
+        commit everything accepted: the test a change must pass before it is accepted.
+        `freeing` changes (unlink, truncate down) may use the reserve. Cheap while the
+        vault is far from full."""
+        data_blocks = -(-data_bytes // self._bs) + 1 if data_bytes > 0 else 0
+        with self._lock:
+            entries = self._entry_blocks(len(self._dirty_streams) + pending_entries + 1)
+            extra_meta = OP_META_BLOCKS + entries
+            dirty = self._dirty_bytes // self._bs
+            # Upper bound first (every dirty block counted as data and as metadata).
+            bound = self._commit_need_units(dirty + data_blocks, dirty + extra_meta)
+            if bound <= self._room_units(freeing, fresh=False):
+                return True
+            data, meta = self._dirty_split()
+            need = self._commit_need_units(data + data_blocks, meta + extra_meta)
+            return need <= self._room_units(freeing)
+
+    @property
+    def save_problem(self) -> str | None:
+        """Why changes accepted so far cannot be saved (a flush or commit failed), or None.
+        After a lack of space a later commit may still succeed and clear it."""
+        return self._failed or self._stalled
 
     def dirty_bytes(self) -> int:
         """Bytes not yet committed: dirty block buffers plus ciphertext already flushed to
@@ -1258,6 +1730,66 @@ class ObjectStore:
         return self._read_only
 
     @property
+    def bad_copies(self) -> list[Damage]:
+        """Metadata blocks with one bad copy and one good one, found by reads so far and
+        by `verify()`: nothing is lost, `rewrite_bad_copies()` restores the redundancy."""
+        with self._lock:
+            return [Damage(o, st, lv, ix, why) for (o, st, lv, ix), why in sorted(self._bad_copies.items())]
+
+    def rewrite_bad_copies(self) -> int:
+        """Write every block of `bad_copies` anew (two fresh copies, from the good one) in
+        the running transaction; the caller commits. Returns how many."""
+        with self._lock:
+            self._check_writable()
+            done = 0
+            for oid, stream, level, index in sorted(self._bad_copies):
+                if oid == 0 and stream == 0:
+                    s = self._table
+                elif 0 < oid < len(self._inuse) and self._inuse[oid] == 1:
+                    s = self._stream(oid, stream)
+                else:
+                    continue  # freed since: its units went back with it
+                if (level, index) not in s.dirty and (
+                    level > s.depth or self._ptr_of(s, level, index) == HOLE
+                ):
+                    continue  # truncated away since
+                self._block_for_write(s, level, index)
+                if s is not self._table:
+                    self._dirty_streams[(s.oid, s.stream)] = s
+                self._txn_dirty = True
+                done += 1
+            self._bad_copies.clear()
+            return done
+
+    @property
+    def commit_damage(self) -> CommitDamage | None:
+        """A commit slot found damaged at open (None when both are sound)."""
+        return self._commit_damage
+
+    def acknowledge_lost_commit(self) -> int:
+        """The user accepted the loss of the newest generation: commit at once, which
+        rewrites the damaged slot, so that the next open finds both slots sound."""
+        with self._lock:
+            self._check_writable()
+            if self._commit_damage is None:
+                return self.generation  # a commit since the open has rewritten the slot
+            self._txn_dirty = True
+            self._touched.add(0)
+            return self.commit()
+
+    def fork_lineage(self) -> bytes:
+        """Give this container a new random lineage id, written by the next commit (which
+        this makes due even with nothing else changed): from then on it is a line of
+        commits of its own, with rollback records of its own (docs/TOKEN.md)."""
+        with self._lock:
+            self._check_writable()
+            lineage = os.urandom(LINEAGE_SIZE)
+            self.lineage = lineage
+            self._txn_dirty = True
+            self._touched.add(0)  # group 0's descriptor shows the commit (§4.6 detection)
+            return lineage
+
+    @property
     def encryptions(self) -> int:
         """Data-key encryptions so far (the nonce budget is 2**32)."""
         return self._enc_count
@@ -1294,16 +1826,24 @@ class ObjectStore:
                 if problem is not None:
                     out.append(Damage(s.oid, s.stream, level, index, problem))
                 else:
-                    unit, units = fmt.POINTER.unpack_from(ptr)[:2]
-                    if seen.count(0, unit, unit + units) != units:
-                        out.append(Damage(s.oid, s.stream, level, index,
-                                          f"units {unit}+{units} referenced twice"))
-                    seen[unit : unit + units] = b"\x01" * units
+                    unit, units, flags = fmt.POINTER.unpack_from(ptr)[:3]
+                    copy2 = unit + _ditto(flags) * self._upc if flags else 0
+                    for first in (unit, copy2) if copy2 else (unit,):
+                        if seen.count(0, first, first + units) != units:
+                            out.append(Damage(s.oid, s.stream, level, index,
+                                              f"units {first}+{units} referenced twice"))
+                        seen[first : first + units] = b"\x01" * units
+                    if copy2 and node is None:
+                        # Both copies are read: a bad one is repairable only if seen.
+                        bad = self._read_copy(s.oid, s.stream, level, index, ptr, copy2)
+                        if isinstance(bad, str):
+                            self._bad_copies[(s.oid, s.stream, level, index)] = f"copy 2: {bad}"
                     if node is None:
                         try:
                             content = self._read_disk(s.oid, s.stream, level, index, ptr)
                         except BlockIntegrityError as exc:
                             out.append(Damage(s.oid, s.stream, level, index, exc.reason))
+                            self._bad_copies.pop((s.oid, s.stream, level, index), None)  # both bad
                             return
                         if level > 0:
                             node = content

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kryptvault.container.header import (
     SLOT_COUNT,
+    ZERO_REGIONS,
     Header,
     HeaderRead,
     Keyslot,
@@ -66,10 +67,10 @@ def open_container_fd(path: Path, writable: bool) -> int:
         raise _describe_os_error("open", path, exc)
 
 
-def read_container_header(path: Path) -> HeaderRead:
+def read_container_header(path: Path, *, allow_disagreement: bool = False) -> HeaderRead:
     fd = open_container_fd(path, writable=False)
     try:
-        return read_header(fd)
+        return read_header(fd, allow_disagreement=allow_disagreement)
     finally:
         os.close(fd)
 
@@ -86,6 +87,18 @@ def write_header_copies(fd: int, header: Header, master: Secret) -> Header:
         os.pwrite(fd, current.encode(), HEADER_OFFSETS[current.sequence % 2])
         os.fsync(fd)
     return current
+
+
+def zero_reserved_regions(fd: int, read: HeaderRead) -> list[str]:
+    """Zero the regions `read` found not zero (nothing uses them: FORMAT.md says zero)."""
+    done = []
+    for start, end, what in ZERO_REGIONS:
+        if what in read.nonzero:
+            os.pwrite(fd, bytes(end - start), start)
+            done.append(what)
+    if done:
+        os.fsync(fd)
+    return done
 
 
 @contextlib.contextmanager

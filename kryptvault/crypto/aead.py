@@ -24,30 +24,41 @@ def new_nonce() -> bytes:
 
 
 class Aead:
-    """An AES-256-GCM key. `cryptography` keeps its own copy of the key inside the
-    cipher object; that copy dies with the object and, for certain, with the process."""
+    """An AES-256-GCM key, kept in a locked, non-dumpable `Secret` page of its own.
 
-    __slots__ = ("_cipher",)
+    `cryptography`'s AESGCM object copies its key into ordinary heap memory, where it
+    can be swapped out and is not wiped. So no AESGCM object outlives an operation: each
+    call builds one from the locked page (under a microsecond; OpenSSL cleanses its
+    context when it is freed right after). At rest, the key exists only in that page.
+    """
+
+    __slots__ = ("_key",)
 
     def __init__(self, key: Secret) -> None:
         if len(key) != 32:
             raise ValueError("AES-256-GCM needs a 32-byte key")
-        with key.view() as view:
-            self._cipher = AESGCM(view)
+        self._key = key.copy()  # the caller wipes its own when it likes
+
+    def _cipher(self) -> AESGCM:
+        with self._key.view() as view:
+            return AESGCM(view)
+
+    def wipe(self) -> None:
+        self._key.wipe()
 
     def seal(self, nonce: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
         """Return ciphertext || 16-byte tag."""
-        return self._cipher.encrypt(nonce, plaintext, aad)
+        return self._cipher().encrypt(nonce, plaintext, aad)
 
     def seal_into(
         self, nonce: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes, out: bytearray | memoryview
     ) -> None:
         """Write ciphertext || tag into `out`, exactly len(plaintext) + 16 bytes (no copy)."""
-        self._cipher.encrypt_into(nonce, plaintext, aad, out)
+        self._cipher().encrypt_into(nonce, plaintext, aad, out)
 
     def open(self, nonce: bytes, sealed: bytes | bytearray | memoryview, aad: bytes) -> bytes:
         try:
-            return self._cipher.decrypt(nonce, sealed, aad)
+            return self._cipher().decrypt(nonce, sealed, aad)
         except InvalidTag:
             raise AuthenticationFailed("authentication failed") from None
 

@@ -24,35 +24,50 @@ KEY_LEN = 32
 def argon2id(password: Secret, salt: bytes, params: Argon2Params) -> Secret:
     params.validate()
     out = Secret(KEY_LEN)
-    with password.view() as pwd, out.view() as out_view:
-        pwd_buf = ffi.from_buffer("uint8_t[]", pwd) if len(pwd) else ffi.NULL
-        salt_buf = ffi.from_buffer("uint8_t[]", salt)
-        out_buf = ffi.from_buffer("uint8_t[]", out_view, require_writable=True)
-        ctx = ffi.new(
-            "argon2_context *",
-            {
-                "out": out_buf,
-                "outlen": KEY_LEN,
-                "pwd": pwd_buf,
-                "pwdlen": len(pwd),
-                "salt": salt_buf,
-                "saltlen": len(salt),
-                "secret": ffi.NULL,
-                "secretlen": 0,
-                "ad": ffi.NULL,
-                "adlen": 0,
-                "t_cost": params.time_cost,
-                "m_cost": params.memory_kib,
-                "lanes": params.parallelism,
-                "threads": params.parallelism,
-                "version": lib.ARGON2_VERSION_13,
-                "allocate_cbk": ffi.NULL,
-                "free_cbk": ffi.NULL,
-                "flags": lib.ARGON2_DEFAULT_FLAGS,
-            },
-        )
-        rc = core(ctx, Type.ID.value)
-        del pwd_buf, salt_buf, out_buf, ctx
+    try:
+        with password.view() as pwd, out.view() as out_view:
+            # cffi's views export the memoryviews' buffers: they must be released before the
+            # memoryviews are, or an exception raised meanwhile (Ctrl-C during the hash)
+            # turns into a BufferError at the `with` exit and hides the real cause.
+            held: list[object] = []
+            try:
+                pwd_buf = ffi.from_buffer("uint8_t[]", pwd) if len(pwd) else ffi.NULL
+                if len(pwd):
+                    held.append(pwd_buf)
+                salt_buf = ffi.from_buffer("uint8_t[]", salt)
+                held.append(salt_buf)
+                out_buf = ffi.from_buffer("uint8_t[]", out_view, require_writable=True)
+                held.append(out_buf)
+                ctx = ffi.new(
+                    "argon2_context *",
+                    {
+                        "out": out_buf,
+                        "outlen": KEY_LEN,
+                        "pwd": pwd_buf,
+                        "pwdlen": len(pwd),
+                        "salt": salt_buf,
+                        "saltlen": len(salt),
+                        "secret": ffi.NULL,
+                        "secretlen": 0,
+                        "ad": ffi.NULL,
+                        "adlen": 0,
+                        "t_cost": params.time_cost,
+                        "m_cost": params.memory_kib,
+                        "lanes": params.parallelism,
+                        "threads": params.parallelism,
+                        "version": lib.ARGON2_VERSION_13,
+                        "allocate_cbk": ffi.NULL,
+                        "free_cbk": ffi.NULL,
+                        "flags": lib.ARGON2_DEFAULT_FLAGS,
+                    },
+                )
+                rc = core(ctx, Type.ID.value)
+            finally:
+                for buf in held:
+                    ffi.release(buf)
+    except BaseException:
+        out.wipe()
+        raise
     if rc != 0:
         out.wipe()
         raise ValueError(f"Argon2id failed with code {rc}")

@@ -12,7 +12,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import hmac
+import logging
 import mmap
+import os
 import resource
 import sys
 from types import TracebackType
@@ -36,6 +38,25 @@ def harden_process() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if _libc is not None:
         _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+_warned_unlocked = False
+
+
+def _warn_unlocked(err: int) -> None:
+    """Say once per process that key pages may be swapped: the keys still work, but the
+    promise in docs/SECURITY.md does not hold on this machine."""
+    global _warned_unlocked
+    if _warned_unlocked:
+        return
+    _warned_unlocked = True
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
+    logging.getLogger("kryptvault.secret").warning(
+        "cannot lock key pages in RAM (%s; RLIMIT_MEMLOCK is %s): keys may reach swap",
+        os.strerror(err),
+        limit,
+    )
 
 
 def is_dumpable() -> bool:
@@ -68,7 +89,7 @@ class Secret:
     any bytes-like object. The secret's value never appears in repr() or str().
     """
 
-    __slots__ = ("_closed", "_map", "_size")
+    __slots__ = ("_closed", "_locked", "_map", "_size")
 
     def __init__(self, size: int) -> None:
         if size <= 0:
@@ -76,6 +97,7 @@ class Secret:
         self._size = size
         self._map = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._closed = False
+        self._locked = False
         if hasattr(mmap, "MADV_DONTDUMP"):
             self._map.madvise(mmap.MADV_DONTDUMP)
         self._lock_in_ram()
@@ -101,9 +123,17 @@ class Secret:
             return
         anchor = ctypes.c_char.from_buffer(self._map)
         try:
-            _libc.mlock(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(len(self._map)))
+            ok = _libc.mlock(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(len(self._map))) == 0
         finally:
             del anchor
+        self._locked = ok
+        if not ok:
+            _warn_unlocked(ctypes.get_errno())
+
+    @property
+    def locked(self) -> bool:
+        """Whether mlock kept this page in RAM (it can be refused: RLIMIT_MEMLOCK)."""
+        return self._locked
 
     def __len__(self) -> int:
         return self._size

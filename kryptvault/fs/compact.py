@@ -286,6 +286,8 @@ def copy_objects(
             break
     for oid, blob in attrs.items():
         dest.set_attrs(oid, blob)
+        if source.is_metadata(oid):
+            dest.mark_metadata(oid)
     order = tree_order(source, attrs)
     # The store flushes the most recently dirtied stream first; writing each batch in
     # reverse therefore puts the objects on disk in tree order.
@@ -367,6 +369,7 @@ def finalize_container(
     after_generation: int,
     base_encryptions: int,
     trim: bool = True,
+    lineage: bytes | None = None,
 ) -> int:
     """Seal a freshly copied container so it can replace an older one. Returns its size.
 
@@ -407,6 +410,8 @@ def finalize_container(
                 encryptions=base_encryptions + rec.encryptions,
                 timestamp_ns=time.time_ns(),
                 next_oid=rec.next_oid,
+                # The copy continues the source's lineage (its rollback records).
+                lineage=rec.lineage if lineage is None else lineage,
             ),
             pointer.nonce_source(),
         )
@@ -460,6 +465,12 @@ def compact(
             raise IntegrityError(
                 f"the vault is damaged ({source.open_damage[0].reason}); run 'kryptvault fsck --repair' first"
             )
+        lost = source.commit_damage
+        if lost is not None and lost.newest_lost:
+            # The copy would replace the only file that still holds the lost generation.
+            raise IntegrityError(
+                f"{lost.describe()}; acknowledge the loss first with 'kryptvault mount --accept-lost-commit'"
+            )
         os.ftruncate(dest_fd, 0)
         copy_header(source_fd, dest_fd)
         dest = ObjectStore.create(dest_fd, layout, vault_uuid, out_keys.data, out_keys.meta)
@@ -479,6 +490,7 @@ def compact(
             vault_uuid,
             out_keys.meta,
             after_generation=source.generation,
+            lineage=source.lineage,
             base_encryptions=source.encryptions if dest_keys is None else 0,
         )
         check = ObjectStore.open(dest_fd, layout, vault_uuid, out_keys.data, out_keys.meta, read_only=True)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kryptvault.errors import IntegrityError
+from kryptvault.fs import acl as acls
 from kryptvault.fs import xattr as xattrs
 from kryptvault.fs.directory import MAGIC as DIR_MAGIC
 from kryptvault.fs.directory import NAME_MAX, Directory
@@ -75,6 +76,9 @@ class StoreLike(Protocol):
     ) -> None: ...
     def truncate(self, oid: int, stream: int, size: int) -> None: ...
     def stream_size(self, oid: int, stream: int) -> int: ...
+    def stored_bytes(self, oid: int, stream: int) -> int: ...
+    def mark_metadata(self, oid: int) -> None: ...
+    def is_metadata(self, oid: int) -> bool: ...
     def commit(self) -> int: ...
     def dirty_bytes(self) -> int: ...
     def statfs(self) -> Any: ...
@@ -151,6 +155,8 @@ class Filesystem:
         self._next_fh = 1
         self._dirty_since: float | None = None
         self.commits = 0
+        # Why the last commit failed (None once one succeeds): changes are refused meanwhile.
+        self.save_failure: str | None = None
         with self._lock:
             root = self._load(ROOT_INO)
             if root is None or not root.is_dir:
@@ -166,6 +172,7 @@ class Filesystem:
             raise FsError(errno.EEXIST, f"store is not empty (first free object is {oid})")
         root = Inode(oid, stat.S_IFDIR | (mode & _PERM), uid, gid, 2, time.time_ns(), parent=oid)
         root.flags = xattrs.NS_TRACKED
+        store.mark_metadata(oid)  # directory blocks get a second copy (FORMAT.md §4.2)
         store.write(oid, DATA, 0, DIR_MAGIC)
         store.set_attrs(oid, root.pack())
         store.commit()
@@ -243,6 +250,8 @@ class Filesystem:
         return d
 
     def _dir_apply(self, node: Inode, d: Directory, write: tuple[int, bytes]) -> None:
+        if not self.store.is_metadata(node.oid):
+            self.store.mark_metadata(node.oid)  # made by an older version
         self.store.write(node.oid, DATA, write[0], write[1])
         if d.needs_compaction() and node.oid not in self._open_dirs:
             data = d.compact()
@@ -255,15 +264,29 @@ class Filesystem:
             raise FsError(errno.ENOTDIR)
         return node, self._dir(node)
 
-    def _new(self, mode: int, uid: int, gid: int, parent: Inode, rdev: int = 0) -> Inode:
+    def _new(
+        self, mode: int, uid: int, gid: int, parent: Inode, rdev: int = 0, umask: int | None = None
+    ) -> Inode:
+        """A new object, not yet named. `umask` None (symlinks) skips the ACL step;
+        otherwise the parent's default ACL, or else the umask, shapes the mode."""
         if parent.mode & stat.S_ISGID:
             gid = parent.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
+        acl_attrs: dict[bytes, bytes] = {}
+        if umask is not None:
+            mode, acl_attrs = self._initial_mode(parent, mode, umask)
         try:
             oid = self.store.allocate_oid()
         except OSError as e:
             raise FsError(e.errno or errno.ENOSPC, str(e)) from e
+        if acl_attrs:
+            try:
+                data = xattrs.dump(acl_attrs)
+                self.store.write(oid, AUX, 0, data)
+            except OSError as e:
+                self.store.free_oid(oid)
+                raise FsError(e.errno or errno.EIO, str(e)) from e
         is_dir = stat.S_ISDIR(mode)
         node = Inode(
             oid,
@@ -275,9 +298,44 @@ class Filesystem:
             rdev,
             parent.oid if is_dir else 0,
         )
+        if acl_attrs:
+            node.xattrs = acl_attrs
         self._inodes[oid] = node
         self._touch(node)
         return node
+
+    def _acl_possible(self) -> bool:
+        """False while no object of the vault has ever had a system.* attribute (the
+        root's sticky namespace bit), so the usual vault pays nothing for ACLs."""
+        root = self._inodes.get(ROOT_INO)
+        if root is None:
+            return True
+        return not root.flags & xattrs.NS_TRACKED or bool(root.flags & xattrs.NS_SYSTEM)
+
+    def _stored_acl(self, node: Inode, value: bytes) -> list[acls.Entry]:
+        try:
+            return acls.parse(value)
+        except FsError as e:
+            # Only valid ACLs are stored, and the stream is authenticated: a bad one is damage.
+            log.error("object %d: stored POSIX ACL is invalid", node.oid)
+            raise FsError(errno.EIO, "stored POSIX ACL is invalid") from e
+
+    def _initial_mode(self, parent: Inode, mode: int, umask: int) -> tuple[int, dict[bytes, bytes]]:
+        """A new entry's mode and ACL attributes (posix_acl_create): with a default ACL on
+        the parent the entry's access ACL is that ACL limited by the requested mode, a new
+        directory inherits the default ACL too, and the umask does not apply; without one
+        only the umask does (the kernel leaves it to us once FUSE_DONT_MASK is agreed)."""
+        if self._acl_possible():
+            default = self._xattrs(parent).get(acls.DEFAULT)
+            if default is not None:
+                access, mode, equivalent = acls.create(self._stored_acl(parent, default), mode)
+                attrs: dict[bytes, bytes] = {}
+                if not equivalent:
+                    attrs[acls.ACCESS] = acls.dump(access)
+                if stat.S_ISDIR(mode):
+                    attrs[acls.DEFAULT] = default
+                return mode, attrs
+        return mode & ~(umask & 0o777), {}
 
     def _link_into(self, parent: Inode, d: Directory, name: bytes, node: Inode) -> None:
         self._dir_apply(parent, d, d.add(name, node.oid, node.dtype))
@@ -331,6 +389,9 @@ class Filesystem:
 
     def _stat(self, node: Inode) -> Stat:
         size = self.store.stream_size(node.oid, DATA)
+        # What is really stored (holes and stripped zero tails cost nothing), so that
+        # `du` of a sparse file shows what the container grew by, not its size.
+        stored = self.store.stored_bytes(node.oid, DATA) + self.store.stored_bytes(node.oid, AUX)
         return Stat(
             node.oid,
             node.mode,
@@ -339,7 +400,7 @@ class Filesystem:
             node.gid,
             node.rdev,
             size,
-            (size + 511) >> 9,
+            (stored + 511) >> 9,
             BLKSIZE,
             node.atime_ns,
             node.mtime_ns,
@@ -369,16 +430,59 @@ class Filesystem:
 
     def _commit(self) -> int:
         store = self.store
-        for oid in self._dirty:
-            node = self._inodes.get(oid)
-            if node is not None:
-                store.set_attrs(oid, node.pack())
-        self._dirty.clear()
-        self._dirty_since = None
-        self.commits += 1
-        generation = store.commit()
+        try:
+            for oid in self._dirty:
+                node = self._inodes.get(oid)
+                if node is not None:
+                    store.set_attrs(oid, node.pack())
+            self._dirty.clear()
+            self._dirty_since = None
+            self.commits += 1
+            generation = store.commit()
+        except Exception as e:
+            raise self._save_failed(e) from e
+        if self.save_failure is not None:
+            log.warning("a commit succeeded again: everything is saved, the vault is writable")
+            self.save_failure = None
         self.last_commit = time.monotonic()
         return generation
+
+    def _save_failed(self, e: Exception) -> FsError:
+        """A commit failed: from now on the vault refuses changes (EROFS, see _allow)
+        until one succeeds; what it has accepted stays readable. Logged once."""
+        problem = getattr(self.store, "save_problem", None) or f"{type(e).__name__}: {e}"
+        self._note_save_failure(problem)
+        no_space = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        return FsError(errno.ENOSPC if no_space else errno.EIO, problem)
+
+    def _note_save_failure(self, problem: str) -> None:
+        if self.save_failure is None:
+            log.error(
+                "cannot save the vault's changes: %s; %d bytes accepted since the last commit "
+                "are not saved; the vault is read-only until a commit succeeds",
+                problem, self.store.dirty_bytes(),
+            )
+        self.save_failure = problem
+
+    def _allow(self, data_bytes: int = 0, *, freeing: bool = False) -> None:
+        """Refuse a change the vault could not save: EROFS once saving failed (until a
+        commit succeeds again); ENOSPC if committing everything accepted plus this change
+        might not fit. Before ENOSPC one commit is tried: it makes the space freed since
+        the last commit reusable and replaces estimates by what was really written."""
+        problem = self.save_failure or getattr(self.store, "save_problem", None)
+        if problem is not None:
+            self._note_save_failure(problem)  # e.g. a flush at the dirty limit failed
+            raise FsError(errno.EROFS, f"the vault cannot save changes ({problem})")
+        check = getattr(self.store, "check_room", None)
+        if check is None:
+            return
+        if check(data_bytes, pending_entries=len(self._dirty), freeing=freeing):
+            return
+        if self.has_unsaved_changes():
+            self._commit()
+            if check(data_bytes, freeing=freeing):
+                return
+        raise FsError(errno.ENOSPC)
 
     def dirty_since(self) -> float | None:
         """time.monotonic() of the first change not yet committed, or None."""
@@ -530,7 +634,7 @@ class Filesystem:
         try:
             out.append((name, off, self._stat(self._get(oid))))
         except FsError:
-            log.error("directory entry %r names unreadable object %d", name, oid)
+            log.error("a directory entry names unreadable object %d", oid)  # no plaintext name
 
     def readdir_plus(self, ino: int) -> list[tuple[bytes, Stat | None]]:
         """[(name, Stat)] of every entry except "." and ".."; Stat is None if unreadable."""
@@ -554,19 +658,32 @@ class Filesystem:
             raise FsError(errno.ENOENT)
         return pnode, d
 
-    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Stat:
+    def mkdir(
+        self, parent: int, name: bytes, mode: int, uid: int, gid: int, *, umask: int = 0
+    ) -> Stat:
+        """`umask` is the creator's (applied unless the parent has a default ACL)."""
         with self._lock:
             pnode, d = self._prepare_create(parent, name)
+            self._allow(1)
             if pnode.nlink >= LINK_MAX:
                 raise FsError(errno.EMLINK)
-            node = self._new(stat.S_IFDIR | (mode & _PERM), uid, gid, pnode)
+            node = self._new(stat.S_IFDIR | (mode & _PERM), uid, gid, pnode, umask=umask)
+            self.store.mark_metadata(node.oid)  # names get a second copy (FORMAT.md §4.2)
             self.store.write(node.oid, DATA, 0, DIR_MAGIC)
             self._dirs[node.oid] = Directory()
             self._link_into(pnode, d, name, node)
             return self._stat(node)
 
     def mknod(
-        self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        rdev: int,
+        uid: int,
+        gid: int,
+        *,
+        umask: int = 0,
     ) -> Stat:
         with self._lock:
             fmt = mode & _S_IFMT
@@ -580,17 +697,27 @@ class Filesystem:
             else:
                 raise FsError(errno.EINVAL)
             pnode, d = self._prepare_create(parent, name)
-            node = self._new(fmt | (mode & _PERM), uid, gid, pnode, rdev)
+            self._allow(1)
+            node = self._new(fmt | (mode & _PERM), uid, gid, pnode, rdev, umask=umask)
             self._link_into(pnode, d, name, node)
             return self._stat(node)
 
     def create(
-        self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        uid: int,
+        gid: int,
+        *,
+        umask: int = 0,
     ) -> tuple[Stat, int]:
         """Create a regular file (EEXIST if the name exists) and open it; (stat, fh)."""
         with self._lock:
             pnode, d = self._prepare_create(parent, name)
-            node = self._new(stat.S_IFREG | (mode & _PERM), uid, gid, pnode)
+            self._allow(1)
+            node = self._new(stat.S_IFREG | (mode & _PERM), uid, gid, pnode, umask=umask)
             self._link_into(pnode, d, name, node)
             fh = self._open(node, flags)
             return self._stat(node), fh
@@ -604,6 +731,7 @@ class Filesystem:
             if b"\0" in target:
                 raise FsError(errno.EINVAL)
             pnode, d = self._prepare_create(parent, name)
+            self._allow(len(target))
             node = self._new(stat.S_IFLNK | 0o777, uid, gid, pnode)
             self.store.write(node.oid, DATA, 0, target)
             self._link_into(pnode, d, name, node)
@@ -622,6 +750,7 @@ class Filesystem:
             if node.is_dir:
                 raise FsError(errno.EPERM)
             pnode, d = self._prepare_create(new_parent, new_name)
+            self._allow(1)
             if node.nlink == 0:
                 raise FsError(errno.ENOENT)
             if node.nlink >= LINK_MAX:
@@ -638,6 +767,7 @@ class Filesystem:
     # ------------------------------------------------------------------ remove
     def unlink(self, parent: int, name: bytes) -> None:
         with self._lock:
+            self._allow(1, freeing=True)
             pnode, d = self._dirnode(parent)
             entry = d.get(name)
             if entry is None:
@@ -664,6 +794,7 @@ class Filesystem:
 
     def rmdir(self, parent: int, name: bytes) -> None:
         with self._lock:
+            self._allow(1, freeing=True)
             pnode, d = self._dirnode(parent)
             if name == b".":
                 raise FsError(errno.EINVAL)
@@ -698,6 +829,7 @@ class Filesystem:
         memory, invisible to readdir and to rmdir's emptiness check.
         """
         with self._lock:
+            self._allow(1, freeing=True)
             check_name(hidden_name)
             pnode, d = self._dirnode(parent)
             entry = d.get(name)
@@ -710,6 +842,7 @@ class Filesystem:
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
     ) -> None:
         with self._lock:
+            self._allow(1)
             if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
                 raise FsError(errno.EINVAL)
             if flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE:
@@ -894,12 +1027,16 @@ class Filesystem:
                 raise FsError(errno.EINVAL)
             if offset + len(data) > MAX_FILE_SIZE:
                 raise FsError(errno.EFBIG)
+            self._allow(len(data))
             try:
                 store.write(h.ino, DATA, offset, data)
             except IntegrityError as e:
                 log.error("object %d: data fails to authenticate: %s", h.ino, e)
                 raise FsError(errno.EIO, str(e)) from e
             except OSError as e:
+                problem = getattr(store, "save_problem", None)
+                if problem is not None:  # a flush at the dirty limit found no space
+                    self._note_save_failure(problem)
                 raise FsError(e.errno or errno.EIO, str(e)) from e
             node.mtime_ns = node.ctime_ns = self._now()
             self._dirty.add(h.ino)
@@ -916,6 +1053,8 @@ class Filesystem:
             raise FsError(errno.EINVAL)
         if size > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG)
+        # Shrinking frees space (it may use the reserve); the new last block is rewritten.
+        self._allow(1, freeing=size < self.store.stream_size(node.oid, DATA))
         try:
             self.store.truncate(node.oid, DATA, size)
         except IntegrityError as e:
@@ -936,8 +1075,17 @@ class Filesystem:
 
     # ------------------------------------------------------------------ attributes
     def chmod(self, ino: int, mode: int) -> Stat:
+        """Set the permission bits; an extended access ACL follows (posix_acl_chmod:
+        owner and other entries, and the mask, take the new bits)."""
         with self._lock:
             node = self._get(ino)
+            self._allow()
+            if self._acl_possible() and not node.is_lnk:
+                attrs = self._xattrs(node)
+                value = attrs.get(acls.ACCESS)
+                if value is not None:
+                    entries = acls.chmod(self._stored_acl(node, value), mode)
+                    self._store_xattrs(node, {**attrs, acls.ACCESS: acls.dump(entries)})
             node.mode = (node.mode & _S_IFMT) | (mode & _PERM)
             node.ctime_ns = self._now()
             self._touch(node)
@@ -956,6 +1104,7 @@ class Filesystem:
         rules (only root changes the owner; the owner may pick one of its groups)."""
         with self._lock:
             node = self._get(ino)
+            self._allow()
             if caller_uid is not None and caller_uid != 0:
                 if uid not in (-1, node.uid):
                     raise FsError(errno.EPERM)
@@ -982,6 +1131,7 @@ class Filesystem:
         """Set times in ns; UTIME_NOW / UTIME_OMIT as in utimensat(2)."""
         with self._lock:
             node = self._get(ino)
+            self._allow()
             if atime_ns == UTIME_OMIT and mtime_ns == UTIME_OMIT:
                 return self._stat(node)
             now = self._now()
@@ -1015,21 +1165,80 @@ class Filesystem:
         if data:
             self.store.write(node.oid, AUX, 0, data)
         self.store.truncate(node.oid, AUX, len(data))
+        node.xattrs = attrs
         node.ctime_ns = self._now()
         self._touch(node)
 
-    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+    def setxattr(
+        self,
+        ino: int,
+        name: bytes,
+        value: bytes,
+        flags: int = 0,
+        *,
+        caller_uid: int | None = None,
+        caller_groups: tuple[int, ...] = (),
+    ) -> None:
+        """Set an attribute. POSIX ACLs (system.posix_acl_*) are validated and kept in
+        step with the mode (see _set_acl); `caller_uid`/`caller_groups` decide, as in
+        the kernel, whether setting an access ACL clears the set-gid bit."""
         with self._lock:
             node = self._get(ino)
+            self._allow(len(name) + len(value))
             attrs = self._xattrs(node)
-            xattrs.check_set(attrs, name, value, flags)
-            attrs[name] = bytes(value)
-            self._store_xattrs(node, attrs)
+            if name in acls.NAMES:
+                if flags & ~(xattrs.XATTR_CREATE | xattrs.XATTR_REPLACE):
+                    raise FsError(errno.EINVAL)
+                stored = self._set_acl(node, attrs, name, bytes(value), caller_uid, caller_groups)
+                if not stored:
+                    return
+            else:
+                xattrs.check_set(attrs, name, value, flags)
+                self._store_xattrs(node, {**attrs, name: bytes(value)})
             bit = xattrs.namespace_bit(name)
             root = self._get(ROOT_INO)
             if not root.flags & bit:
                 root.flags |= bit
                 self._touch(root)
+
+    def _set_acl(
+        self,
+        node: Inode,
+        attrs: dict[bytes, bytes],
+        name: bytes,
+        value: bytes,
+        caller_uid: int | None,
+        caller_groups: tuple[int, ...],
+    ) -> bool:
+        """Set (or, for a bare header, drop) a POSIX ACL as the kernel's set_acl does for
+        a local filesystem; True if an attribute is now stored. An access ACL sets the
+        mode's permission bits (group bits from the mask when there is one) and is kept
+        only if it says more than the mode. XATTR_CREATE/REPLACE do not apply to ACLs."""
+        if node.is_lnk:
+            raise FsError(errno.EOPNOTSUPP)
+        entries = acls.parse(value)
+        if name == acls.DEFAULT and not node.is_dir:
+            if entries:
+                raise FsError(errno.EACCES)
+            return False
+        mode = node.mode
+        keep = bool(entries)
+        if entries and name == acls.ACCESS:
+            perms, equivalent = acls.mode_of(entries)
+            mode = (mode & ~0o777) | perms
+            if caller_uid not in (None, 0) and node.gid not in caller_groups:
+                mode &= ~stat.S_ISGID
+            keep = not equivalent
+        new = {k: v for k, v in attrs.items() if k != name}
+        if keep:
+            new[name] = acls.dump(entries)
+            xattrs.check_set(attrs, name, new[name], 0)
+        if new != attrs:
+            self._store_xattrs(node, new)
+        node.mode = mode
+        node.ctime_ns = self._now()
+        self._touch(node)
+        return keep
 
     def xattr_namespace_used(self, name: bytes) -> bool:
         """False if no object of the vault ever had an attribute in `name`'s namespace
@@ -1060,12 +1269,14 @@ class Filesystem:
     def removexattr(self, ino: int, name: bytes) -> None:
         with self._lock:
             node = self._get(ino)
+            self._allow(freeing=True)
             xattrs.check_name(name)
             attrs = self._xattrs(node)
             if name not in attrs:
+                if name in acls.NAMES:
+                    return  # as on ext4 and tmpfs: removing an absent ACL is no error
                 raise FsError(errno.ENODATA)
-            del attrs[name]
-            self._store_xattrs(node, attrs)
+            self._store_xattrs(node, {k: v for k, v in attrs.items() if k != name})
 
     # ------------------------------------------------------------------ whole fs
     def statfs(self) -> StatFs:
@@ -1088,6 +1299,14 @@ class Filesystem:
             total += growf
             free += growf
             avail += grow
+            room = getattr(self.store, "room", None)
+            commit_need = getattr(self.store, "commit_need", None)
+            if room is not None and commit_need is not None:
+                # What writes can still get: less the reserve and what a commit of the
+                # changes accepted so far needs (see _allow), so df agrees with ENOSPC.
+                with self._lock:
+                    need = commit_need(len(self._dirty))
+                avail = min(avail, max(0, (room() - need) // unit))
         return StatFs(
             bsize=int(s.block_size),
             frsize=unit,

@@ -181,9 +181,37 @@ class RepairReport:
     lost_and_found: str | None = None
     rebuilt: bool = False
     damaged_copy: str | None = None  # where the CLI left the damaged original (rebuild)
+    # What the repair could not keep under its name (docs/FSCK.md "What was lost"):
+    lost_entries: int = 0  # names removed whose file/directory survives nowhere
+    lost_objects: int = 0  # unreadable inodes no surviving name led to (at most this many)
+    moved_to_lost_found: int = 0  # damaged files moved there and orphans relinked there
+
+    @property
+    def lost_anything(self) -> bool:
+        """Something is gone or no longer under its name: never report such a repair as clean."""
+        return bool(self.lost_entries or self.lost_objects or self.moved_to_lost_found or self.unrepaired)
+
+    def loss_summary(self) -> str:
+        """One line: what was lost and what moved (empty when nothing was)."""
+        parts = []
+        if self.lost_entries:
+            n = self.lost_entries
+            parts.append(f"{n} entr{'y' if n == 1 else 'ies'} (files/dirs) lost")
+        if self.lost_objects:
+            parts.append(
+                f"up to {self.lost_objects} more object(s) lost with their unreadable inodes"
+                " (no surviving name led to them)"
+            )
+        if self.moved_to_lost_found:
+            parts.append(f"{self.moved_to_lost_found} moved to {self.lost_and_found or '/lost+found'}")
+        if self.unrepaired:
+            parts.append(f"{len(self.unrepaired)} not repaired")
+        return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out["lost_anything"] = self.lost_anything
+        return out
 
 
 # ---------------------------------------------------------------------- helpers
@@ -414,6 +442,7 @@ class _Model:
         self.orphan_roots: list[int] = []
         self.unlinked: list[int] = []
         self.dropped: list[str] = []  # descriptions of entries removed from the model
+        self.dropped_oids: list[int] = []  # the object each of those entries named
         self.max_oid = 0
 
     # ------------------------------------------------------------------ loading
@@ -520,6 +549,7 @@ class _Model:
                 why = self._entry_fault(ent, path)
                 if why is not None:
                     self.dropped.append(f"{path}: {why}")
+                    self.dropped_oids.append(ent.oid)
                     self.changed_dirs.add(d)
                     continue
                 kept.append(ent)
@@ -827,6 +857,27 @@ def check(store: ObjectStore) -> FsckReport:
         if affected:
             msg += f"; inodes lost for {len(affected)} path(s)"
         problems.append(Problem("damaged-metadata", msg, affected, 0))
+    for d in store.bad_copies:
+        what = "object table" if d.oid == 0 else f"object {d.oid}"
+        problems.append(Problem(
+            "damaged-copy",
+            f"{what}: {_describe_damage(d)}; its other copy is intact, so nothing is lost "
+            "('--repair' writes both copies anew)",
+            [] if d.oid == 0 else model.paths.get(d.oid, [])[:1],
+            d.oid,
+        ))
+    commit_damage = store.commit_damage
+    if commit_damage is not None:
+        msg = commit_damage.describe()
+        if commit_damage.newest_lost:
+            msg += (
+                "; until 'kryptvault mount --accept-lost-commit' acknowledges it, the vault only "
+                "mounts read-only, so nothing overwrites what the lost generation referenced "
+                "(copy the container now to keep it)"
+            )
+        else:
+            msg += "; the next commit rewrites it"
+        problems.insert(0, Problem("damaged-commit-record", msg))
     summary = FsckSummary(generation=store.generation, damaged_blocks=len(damage))
     for oid, node in model.nodes.items():
         summary.objects += 1
@@ -1061,6 +1112,13 @@ class _Fixer:
                 self.act(f"freed object {o} (never initialised)")
             elif o not in delete:
                 self.act(f"freed object {o} (no name, link count 0)")
+        out = self.out
+        out.lost_entries = sum(1 for o in m.dropped_oids if o not in m.reached)
+        out.lost_entries += sum(len(paths) for paths in delete.values())
+        out.lost_objects = len(set(m.lost_inodes) - set(m.dropped_oids) - m.reached)
+        out.moved_to_lost_found = len(out.salvaged) + len(out.relinked)
+        if out.lost_anything:
+            self.act(f"lost: {out.loss_summary()}")
         if self.lf is not None:
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.now / 1e9))
             self.act(f"this log: {self.out.lost_and_found}/fsck-{stamp}.txt")
@@ -1158,6 +1216,8 @@ class _Fixer:
             for e in m.entries.get(d, []):
                 directory.add(e.name, e.oid, e.typ)
             data = directory.compact()
+            if not store.is_metadata(d):
+                store.mark_metadata(d)  # names get a second copy (FORMAT.md §4.2)
             store.write(d, DATA, 0, data)
             store.truncate(d, DATA, len(data))
             node = m.nodes[d]
@@ -1180,6 +1240,12 @@ def repair(
     `check(store)` (run now if None). Raises RebuildRequired when the store is read-only
     because its metadata is damaged."""
     if store.read_only:
+        lost_commit = store.commit_damage
+        if lost_commit is not None and lost_commit.newest_lost and not store.open_damage:
+            raise KryptvaultError(
+                f"{lost_commit.describe()}; a repair would write over what the lost generation "
+                "referenced: acknowledge the loss first with 'kryptvault mount --accept-lost-commit'"
+            )
         if store.open_damage:
             raise RebuildRequired(
                 "the vault's metadata is damaged, so it must be rebuilt into a new container"
@@ -1188,6 +1254,9 @@ def repair(
     if report is None:
         report = check(store)
     out = RepairReport()
+    rewritten = store.rewrite_bad_copies()
+    if rewritten:
+        out.actions.append(f"rewrote {rewritten} metadata block(s) that had one bad copy, from the good one")
     lost: dict[tuple[int, int], list[Range]] = {}
     for (oid, stream), ranges in report.damaged_ranges.items():
         if oid == 0 or not store.oid_in_use(oid):
@@ -1258,6 +1327,7 @@ def rebuild_container(
             keys.meta,
             after_generation=source.generation,
             base_encryptions=source.encryptions,
+            lineage=source.lineage,
         )
     except OSError as exc:
         raise KryptvaultError(f"cannot write the rebuilt container: {os.strerror(exc.errno or errno.EIO)}")

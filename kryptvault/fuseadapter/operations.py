@@ -20,11 +20,13 @@ from collections.abc import Callable
 from typing import Any
 
 from kryptvault.fs import CommitScheduler, Filesystem, FsError, Stat
+from kryptvault.fs.acl import NAMES as ACL_NAMES
 from kryptvault.fuseadapter._mfusepy import Operations, fuse_get_context, libfuse
 
 log = logging.getLogger("kryptvault.fuse")
 
 FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
+FUSE_CAP_DONT_MASK = 1 << 6
 FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
 FUSE_CAP_READDIRPLUS = 1 << 13
 FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
@@ -139,9 +141,16 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
             want = conn.want
             # The kernel clears set-uid/gid bits itself (it knows the caller's capabilities).
             want &= ~FUSE_CAP_HANDLE_KILLPRIV
-            want &= ~FUSE_CAP_POSIX_ACL
+            # POSIX_ACL: the kernel enforces ACLs and caches them for permission checks
+            # (a readdirplus or revalidation drops the cache, so `ls -l` still asks once
+            # per file); the filesystem keeps mode and ACL in step and applies default
+            # ACLs. DONT_MASK with it: the umask reaches us unapplied (fuse_context.umask),
+            # since a default ACL replaces it (without DONT_MASK the kernel would apply
+            # both).
             want |= conn.capable & (
-                FUSE_CAP_ATOMIC_O_TRUNC
+                FUSE_CAP_POSIX_ACL
+                | FUSE_CAP_DONT_MASK
+                | FUSE_CAP_ATOMIC_O_TRUNC
                 | FUSE_CAP_AUTO_INVAL_DATA
                 | FUSE_CAP_READDIRPLUS
                 | FUSE_CAP_READDIRPLUS_AUTO
@@ -227,10 +236,16 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
         uid, gid, _pid = fuse_get_context()
         return uid, gid
 
+    @staticmethod
+    def _umask() -> int:
+        """The creating process's umask (sent by the kernel since protocol 7.12)."""
+        return int(libfuse.fuse_get_context().contents.umask)
+
     def _eio_log(self, path: str | None, ino: int, err: FsError) -> None:
+        # The inode number, never the path: file names are plaintext, and the daemon's
+        # log outlives the mount (docs/SECURITY.md).
         if err.errno == errno.EIO:
-            where = path if path is not None else f"(unlinked file, inode {ino})"
-            log.error("kryptvault: I/O error on %s: %s", where, err.strerror)
+            log.error("kryptvault: I/O error on inode %d: %s", ino, err.strerror)
 
     # ------------------------------------------------------------------ metadata
     def stat(self, path: str | None, fi: Any = None) -> tuple[Stat, bool]:
@@ -274,13 +289,13 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
     def mkdir(self, path: str, mode: int) -> int:
         parent, name = self._parent(path)
         uid, gid = self._caller()
-        self.fs.mkdir(parent, name, mode, uid, gid)
+        self.fs.mkdir(parent, name, mode, uid, gid, umask=self._umask())
         return 0
 
     def mknod(self, path: str, mode: int, dev: int) -> int:
         parent, name = self._parent(path)
         uid, gid = self._caller()
-        self.fs.mknod(parent, name, mode, dev, uid, gid)
+        self.fs.mknod(parent, name, mode, dev, uid, gid, umask=self._umask())
         return 0
 
     def symlink(self, target: str, source: str) -> int:
@@ -403,7 +418,16 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ xattrs
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
-        self.fs.setxattr(self._ino(path), _b(name), value, options)
+        ino = self._ino(path)
+        bname = _b(name)
+        if bname not in ACL_NAMES:
+            self.fs.setxattr(ino, bname, value, options)
+            return 0
+        cuid, cgid, pid = fuse_get_context()
+        groups = (cgid, *_groups_of(pid)) if cuid != 0 else ()
+        self.fs.setxattr(ino, bname, value, options, caller_uid=cuid, caller_groups=groups)
+        # The mode may have changed: other names of a hard-linked file must not keep it.
+        self._invalidate_aliases(ino, path)
         return 0
 
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
@@ -419,7 +443,11 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
         return [n.decode("utf-8", "surrogateescape") for n in self.fs.listxattr(self._ino(path))]
 
     def removexattr(self, path: str, name: str) -> int:
-        self.fs.removexattr(self._ino(path), _b(name))
+        ino = self._ino(path)
+        bname = _b(name)
+        self.fs.removexattr(ino, bname)
+        if bname in ACL_NAMES:
+            self._invalidate_aliases(ino, path)
         return 0
 
     # ------------------------------------------------------------------ file data
@@ -429,7 +457,7 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
     def create(self, path: str, mode: int, fi: Any) -> int:
         parent, name = self._parent(path)
         uid, gid = self._caller()
-        _s, fh = self.fs.create(parent, name, mode, fi.flags, uid, gid)
+        _s, fh = self.fs.create(parent, name, mode, fi.flags, uid, gid, umask=self._umask())
         if self.writeback:
             self.fs.set_append(fh, False)
         fi.fh = fh

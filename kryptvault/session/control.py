@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -56,7 +57,21 @@ class PeerCred:
     gid: int
 
 
-Handler = Callable[[dict[str, object], PeerCred], dict[str, object]]
+@dataclass(frozen=True)
+class AfterReply:
+    """A handler's answer and what to run once that answer is with the client.
+
+    For an op that ends the process (lock): started from the handler itself, the lock
+    raced the reply and, on a loaded machine, sometimes exited first, so the client saw
+    the connection close without an answer although the vault did lock. The action runs
+    even if the reply could not be sent: a lock must not depend on its client staying.
+    """
+
+    response: dict[str, object]
+    action: Callable[[], object]
+
+
+Handler = Callable[[dict[str, object], PeerCred], "dict[str, object] | AfterReply"]
 
 
 def peer_credentials(sock: socket.socket) -> PeerCred:
@@ -65,12 +80,43 @@ def peer_credentials(sock: socket.socket) -> PeerCred:
     return PeerCred(pid, uid, gid)
 
 
-def socket_path_for(vault_uuid: uuid.UUID | str) -> Path:
+def socket_path_for(vault_uuid: uuid.UUID | str, instance: str | None = None) -> Path:
+    """`<uuid>.<instance>.sock` for a mount daemon: one per container file, so a restored
+    copy (same UUID) can be mounted beside its vault. `instance` is `container_instance()`."""
     try:
         canonical = vault_uuid if isinstance(vault_uuid, uuid.UUID) else uuid.UUID(str(vault_uuid))
     except ValueError:
         raise UsageError(f"not a vault UUID: {str(vault_uuid)[:40]!r}")
-    return runtime_dir() / f"{canonical}.sock"
+    if instance is None:
+        return runtime_dir() / f"{canonical}.sock"
+    if not re.fullmatch(r"[0-9a-f]{12}", instance):
+        raise ValueError(f"bad mount instance {instance!r}")
+    return runtime_dir() / f"{canonical}.{instance}.sock"
+
+
+def container_instance(info: os.stat_result) -> str:
+    """Which container file a daemon serves, by device and inode (not by name: a symlink,
+    hard link or bind mount reaches the same file, which the daemon holds open)."""
+    digest = hashlib.sha256(f"{info.st_dev}:{info.st_ino}".encode()).hexdigest()
+    return digest[:12]
+
+
+def daemon_socket_for(vault_uuid: uuid.UUID | str, container: Path) -> Path | None:
+    """The control socket of the daemon serving `container`, if that file exists."""
+    try:
+        info = os.stat(container)
+    except OSError:
+        return None
+    return socket_path_for(vault_uuid, container_instance(info))
+
+
+def check_socket_path(path: Path) -> None:
+    length = len(os.fsencode(path))
+    if length > _SUN_PATH_MAX:
+        raise KryptvaultError(
+            f"the control socket path is too long ({length} bytes, a Unix socket allows "
+            f"{_SUN_PATH_MAX}): {path}; set XDG_RUNTIME_DIR to a shorter directory"
+        )
 
 
 def list_sockets() -> list[Path]:
@@ -129,8 +175,7 @@ class ControlServer:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("the control server was already started")
-        if len(os.fsencode(self.socket_path)) > _SUN_PATH_MAX:
-            raise KryptvaultError(f"the control socket path is too long: {self.socket_path}")
+        check_socket_path(self.socket_path)
         _private_dir(self.socket_path.parent)
         self._lock_fd = _take_lock(self._lock_path, self.socket_path)
         try:
@@ -178,6 +223,10 @@ class ControlServer:
         with contextlib.suppress(OSError):
             if self._inode is not None and os.stat(self.socket_path).st_ino == self._inode:
                 os.unlink(self.socket_path)
+        if self._lock_fd >= 0:
+            # Unlinked while still held (see _take_lock); exit closes the descriptor.
+            with contextlib.suppress(OSError):
+                os.unlink(self._lock_path)
 
     def __enter__(self) -> ControlServer:
         self.start()
@@ -259,9 +308,19 @@ class ControlServer:
                     return
                 if line is None:
                     return
-                response, op, outcome = self._answer(line, peer)
+                response, op, outcome, action = self._answer(line, peer)
                 self._record("control_request", pid=peer.pid, uid=peer.uid, op=op, outcome=outcome)
-                _send(conn, response)
+                if action is None:
+                    _send(conn, response)
+                    continue
+                try:
+                    # sendall on a Unix stream socket returns once every byte is queued at
+                    # the peer; there is no buffer of ours left to flush, and the reply
+                    # stays readable after this process exits.
+                    _send(conn, response)
+                finally:
+                    action()
+                return
         except OSError:
             return  # the client went away, or stop() shut the connection
         finally:
@@ -269,42 +328,49 @@ class ControlServer:
                 self._conns.discard(conn)
             conn.close()
 
-    def _answer(self, line: bytes, peer: PeerCred) -> tuple[dict[str, object], str | None, str]:
-        """(response, op name for the audit log, outcome)."""
+    def _answer(
+        self, line: bytes, peer: PeerCred
+    ) -> tuple[dict[str, object], str | None, str, Callable[[], object] | None]:
+        """(response, op name for the audit log, outcome, action to run after the reply)."""
         try:
             request = json.loads(line)
         except ValueError:
-            return _error("malformed request: not JSON"), None, "malformed"
+            return _error("malformed request: not JSON"), None, "malformed", None
         if not isinstance(request, dict):
-            return _error("malformed request: not a JSON object"), None, "malformed"
+            return _error("malformed request: not a JSON object"), None, "malformed", None
         op = request.pop("op", None)
         if not isinstance(op, str):
-            return _error("malformed request: 'op' must be a string"), None, "malformed"
+            return _error("malformed request: 'op' must be a string"), None, "malformed", None
         # Only a name that could be an op goes to the log: never arbitrary client text.
         logged_op = op if _OP_NAME.fullmatch(op) else None
         handler = self._handlers.get(op)
         if handler is None:
             shown = op if logged_op else "(not an op name)"
-            return _error(f"unknown op {shown}; known ops: {', '.join(self.ops)}"), logged_op, "unknown_op"
+            unknown = _error(f"unknown op {shown}; known ops: {', '.join(self.ops)}")
+            return unknown, logged_op, "unknown_op", None
         for name, value in request.items():
             if not isinstance(value, str | int | float | bool | None):
                 return (
                     _error(f"argument {name[:40]!r} of {op} must be a string, number, true/false or null"),
                     op,
                     "bad_args",
+                    None,
                 )
+        action = None
         try:
-            result = handler(request, peer)
+            answer = handler(request, peer)
+            result = answer.response if isinstance(answer, AfterReply) else answer
+            action = answer.action if isinstance(answer, AfterReply) else None
             if not isinstance(result, dict):
                 raise TypeError(f"handler for {op} returned {type(result).__name__}")
             response: dict[str, object] = {**result, "ok": True}
             json.dumps(response)  # fail here, not half-way through sending
         except KryptvaultError as exc:
-            return _error(" ".join(str(exc).split())), op, "failed"
+            return _error(" ".join(str(exc).split())), op, "failed", None
         except Exception:
             log.exception("control op %s failed", op)
-            return _error(f"internal error while handling {op}"), op, "internal_error"
-        return response, op, "ok"
+            return _error(f"internal error while handling {op}"), op, "internal_error", None
+        return response, op, "ok", action
 
     def _record(self, event: str, **fields: object) -> None:
         if self._audit is None:
@@ -361,7 +427,7 @@ def _send_and_close(conn: socket.socket, response: dict[str, object]) -> None:
 
 def _vault_of(path: Path) -> str | None:
     try:
-        return str(uuid.UUID(path.stem))
+        return str(uuid.UUID(path.name.split(".", 1)[0]))
     except ValueError:
         return None
 
@@ -394,6 +460,13 @@ def _take_lock(lock_path: Path, socket_path: Path) -> int:
         if same:
             return fd
         os.close(fd)
+
+
+def _owner(directory: Path) -> int | None:
+    try:
+        return directory.lstat().st_uid
+    except OSError:
+        return None
 
 
 def _clear_stale(path: Path) -> None:
@@ -445,6 +518,15 @@ class DaemonNotRunningError(KryptvaultError):
     """Nothing answers on the control socket."""
 
 
+class NoAnswerError(KryptvaultError):
+    """The daemon closed the connection before its answer: it exited (a lock that another
+    route started at the same moment) or it died. Only the mount table can tell which."""
+
+
+class ForeignServerError(KryptvaultError):
+    """The process answering on the control socket is not one of ours."""
+
+
 class ControlClient:
     def __init__(self, socket_path: Path, timeout: float = CLIENT_TIMEOUT) -> None:
         self.socket_path = Path(socket_path)
@@ -476,7 +558,8 @@ class ControlClient:
             sock.connect(str(where))
         except (FileNotFoundError, ConnectionRefusedError):
             raise DaemonNotRunningError(
-                f"no kryptvault daemon is running for {where.stem} (nothing answers on {where})"
+                f"no kryptvault daemon is running for {where.name.split('.', 1)[0]} "
+                f"(nothing answers on {where})"
             )
         except PermissionError:
             raise KryptvaultError(f"not allowed to connect to {where}")
@@ -484,6 +567,15 @@ class ControlClient:
             raise KryptvaultError(f"the kryptvault daemon did not accept within {self.timeout:g} s")
         except OSError as exc:
             raise KryptvaultError(f"cannot connect to {where}: {exc.strerror or exc}")
+        # Only our own daemon may hear a request or be believed: a socket another user
+        # managed to put there (a runtime directory that was not private) is refused
+        # before a byte is sent. The kernel records the server's uid when it listened.
+        # Root may talk to a user's daemon, but only in that user's own directory.
+        server = peer_credentials(sock).uid
+        if server != os.geteuid() and not (os.geteuid() == 0 and server == _owner(where.parent)):
+            raise ForeignServerError(
+                f"refusing the control socket {where}: it is served by uid {server}, not by you"
+            )
 
     def _read_reply(self, sock: socket.socket) -> dict[str, object]:
         data = bytearray()
@@ -497,7 +589,7 @@ class ControlClient:
             except OSError as exc:
                 raise KryptvaultError(f"lost the connection to the kryptvault daemon: {exc.strerror or exc}")
             if not chunk:
-                raise KryptvaultError("the kryptvault daemon closed the connection without answering")
+                raise NoAnswerError("the kryptvault daemon closed the connection without answering")
             data += chunk
             if len(data) > MAX_RESPONSE:
                 raise KryptvaultError("the kryptvault daemon sent an oversized reply")

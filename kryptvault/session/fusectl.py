@@ -13,12 +13,22 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import re
 import shutil
 import subprocess
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 FUSECTL = Path("/sys/fs/fuse/connections")
 MNT_DETACH = 2
+KRYPTVAULT_FSTYPE = b"fuse.kryptvault"
+PROBE_TIMEOUT = 2.0
+# mountinfo writes space, tab, newline and backslash in paths as \ooo; every other byte,
+# UTF-8 or not, appears as is (so no text codec may touch it).
+_OCTAL = re.compile(rb"\\([0-7]{3})")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -32,35 +42,106 @@ def is_mounted(path: Path) -> bool:
 
 
 def is_stale(path: Path) -> bool:
-    """A FUSE mount whose daemon died: every access fails with ENOTCONN."""
-    try:
-        os.stat(path)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
+    """A kryptvault FUSE mount at `path` whose daemon died: every request fails.
+
+    Asked with statfs, never stat: the kernel answers stat from its attribute cache (valid
+    for a second) even when the connection is dead, while statfs always goes to the
+    connection. A request still queued when the daemon's exit aborts the connection fails
+    with ECONNABORTED; every later one with ENOTCONN."""
+    fields = _mountinfo_entry(path)
+    if fields is None or _fstype(fields) != KRYPTVAULT_FSTYPE:
+        return False
+    return _dead([os.fsencode(path)])[0]
 
 
-def _mountinfo_entry(path: Path, resolve: bool = True) -> list[str] | None:
-    """The /proc/self/mountinfo fields of the topmost mount at `path` (no stat of the mount
-    itself: works on a dead mount, and from the mount's own daemon with `resolve=False`)."""
-    target = os.path.realpath(path) if resolve else os.path.abspath(path)
-    found = None
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8") as info:
+def _dead(paths: list[bytes], timeout: float = PROBE_TIMEOUT) -> list[bool]:
+    """statfs each path in a thread of its own: a dead connection answers at once, while a
+    live daemon that hangs (stopped, stuck) must not hang the command asking."""
+    answers: list[bool] = [False] * len(paths)
+
+    def probe(i: int) -> None:
+        try:
+            os.statvfs(paths[i])
+        except OSError as exc:
+            answers[i] = exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+
+    threads = [threading.Thread(target=probe, args=(i,), daemon=True) for i in range(len(paths))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return answers
+
+
+@dataclass(frozen=True)
+class DeadMount:
+    mountpoint: str
+    fsname: str  # "kryptvault:" and the first 8 hex digits of the vault UUID
+
+
+def dead_mounts(exclude: Iterable[str] = ()) -> list[DeadMount]:
+    """This user's kryptvault mounts whose daemon died (for `status`), skipping the mount
+    points in `exclude` (live ones already known: statfs would ask their daemons)."""
+    skip = {os.fsencode(path) for path in exclude}
+    uid = f"user_id={os.getuid()}".encode()
+    candidates = [
+        fields
+        for fields in _mountinfo()
+        if _fstype(fields) == KRYPTVAULT_FSTYPE
+        and fields[4] not in skip
+        and uid in _super_options(fields).split(b",")
+    ]
+    dead = _dead([fields[4] for fields in candidates])
+    return [
+        DeadMount(os.fsdecode(fields[4]), os.fsdecode(_source(fields)))
+        for fields, is_dead in zip(candidates, dead, strict=True)
+        if is_dead
+    ]
+
+
+def _mountinfo() -> list[list[bytes]]:
+    """/proc/self/mountinfo, one field list per mount, the mount point unescaped (as raw
+    bytes: a mount point need not be UTF-8)."""
+    entries = []
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo", "rb") as info:
         for line in info:
             fields = line.split()
-            mount_point = fields[4].encode().decode("unicode_escape")
-            if mount_point == target:
-                found = fields
+            fields[4] = _OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), fields[4])
+            entries.append(fields)
+    return entries
+
+
+def _fstype(fields: list[bytes]) -> bytes:
+    return fields[fields.index(b"-") + 1]
+
+
+def _source(fields: list[bytes]) -> bytes:
+    return fields[fields.index(b"-") + 2]
+
+
+def _super_options(fields: list[bytes]) -> bytes:
+    sep = fields.index(b"-")
+    return fields[sep + 3] if len(fields) > sep + 3 else b""
+
+
+def _mountinfo_entry(path: Path, resolve: bool = True) -> list[bytes] | None:
+    """The /proc/self/mountinfo fields of the topmost mount at `path` (no stat of the mount
+    itself: works on a dead mount, and from the mount's own daemon with `resolve=False`)."""
+    target = os.fsencode(os.path.realpath(path) if resolve else os.path.abspath(path))
+    found = None
+    for fields in _mountinfo():
+        if fields[4] == target:
+            found = fields
     return found
 
 
 def mounted_fuse_source(path: Path) -> str | None:
     """The `fsname` of the FUSE mount at `path`."""
     fields = _mountinfo_entry(path)
-    if fields is None:
+    if fields is None or not _fstype(fields).startswith(b"fuse"):
         return None
-    sep = fields.index("-")
-    return fields[sep + 2] if fields[sep + 1].startswith("fuse") else None
+    return os.fsdecode(_source(fields))
 
 
 def connection_id(path: Path, resolve: bool = True) -> int | None:
@@ -71,7 +152,7 @@ def connection_id(path: Path, resolve: bool = True) -> int | None:
     fields = _mountinfo_entry(path, resolve)
     if fields is None:
         return None
-    return int(fields[2].split(":")[1])
+    return int(fields[2].split(b":")[1])
 
 
 def ensure_fusectl() -> bool:

@@ -30,6 +30,8 @@ class SessionSettings:
     idle_lock_minutes: float | None = None
     token: dict[str, object] = field(default_factory=dict)  # how the watcher finds the token
     slot: int = -1
+    read_only: bool = False  # no writes, no commits, no rollback record written
+    accept_lost_commit: bool = False  # the user acknowledged a damaged newest commit record
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode() + b"\n"

@@ -34,6 +34,9 @@ class LockSteps:
     wipe: Callable[[], None]
     audit: Callable[[LockOutcome], None]
     finish: Callable[[LockOutcome], None]
+    # Bytes accepted since the last commit, asked when the final commit failed: what
+    # the lock could not save (None: not known).
+    unsaved_bytes: Callable[[], int] | None = None
 
 
 @dataclass
@@ -45,6 +48,7 @@ class LockOutcome:
     commit_seconds: float | None = None
     commit_late: bool = False
     commit_error: str | None = None
+    unsaved_bytes: int | None = None  # set when the commit failed: what was lost
     token_updated: bool = False
     steps: list[str] = field(default_factory=list)
     step_ms: dict[str, float] = field(default_factory=dict)
@@ -53,6 +57,14 @@ class LockOutcome:
     def describe_steps(self) -> str:
         """`refuse=0.4 commit=0.0 ...`: where the lock spent its time, in ms."""
         return " ".join(f"{name}={ms:.1f}" for name, ms in self.step_ms.items())
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the audit log and the user: an OSError's own text without the
+    "[Errno N]" prefix, anything else with its type."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return str(exc.strerror)
+    return f"{type(exc).__name__}: {exc}"
 
 
 class LockSequence:
@@ -103,8 +115,13 @@ class LockSequence:
             try:
                 outcome.generation = steps.commit()
             except Exception as exc:  # keep locking: the keys must still go
-                outcome.commit_error = f"{type(exc).__name__}: {exc}"
+                outcome.commit_error = describe_error(exc)
                 log.exception("commit during lock failed")
+                if steps.unsaved_bytes is not None:
+                    try:
+                        outcome.unsaved_bytes = steps.unsaved_bytes()
+                    except Exception:
+                        log.exception("cannot tell how much the failed commit left unsaved")
             finally:
                 outcome.commit_seconds = time.monotonic() - start
                 done.set()

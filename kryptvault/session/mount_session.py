@@ -21,21 +21,39 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from kryptvault.container.commit import ORIGINAL_LINEAGE
 from kryptvault.container.header import read_header
+from kryptvault.container.layout import Layout
 from kryptvault.container.store import ObjectStore
 from kryptvault.crypto.secret import Secret, harden_process
-from kryptvault.errors import KryptvaultError
+from kryptvault.errors import IntegrityError, KryptvaultError
 from kryptvault.fs.filesystem import Filesystem
 from kryptvault.fuseadapter.mount import serve
 from kryptvault.fuseadapter.operations import KryptvaultOperations
 from kryptvault.session import fusectl
 from kryptvault.session.audit import AuditLog, Scalar, make_entry
 from kryptvault.session.config import load_config
-from kryptvault.session.control import ControlServer, PeerCred, socket_path_for
+from kryptvault.session.control import (
+    AfterReply,
+    ControlServer,
+    Handler,
+    PeerCred,
+    container_instance,
+    socket_path_for,
+)
 from kryptvault.session.handoff import SessionSettings
+from kryptvault.session.lineages import remember_lineage
 from kryptvault.session.lock import COMMIT_HARD_LIMIT, LockOutcome, LockSequence, LockSteps
-from kryptvault.session.rollback import check_rollback
+from kryptvault.session.rollback import (
+    RECORD_INTERVAL,
+    RECORD_POLL,
+    check_rollback,
+    describe_lineage,
+    local_records_dir,
+)
+from kryptvault.session.writer_lock import WriterLock, take_writer_lock
 from kryptvault.token.base import Token
+from kryptvault.token.records import RecordsDamaged, advance_records, read_records
 from kryptvault.token.resolve import resolve_token
 from kryptvault.watcher.watcher import TokenWatcher
 
@@ -69,6 +87,7 @@ class MountSession:
         self.connection: int | None = None
         self._holds: list[int] = []  # pids of the backups holding reuse
         self._holds_lock = threading.Lock()
+        self._writer_lock: WriterLock | None = None  # held while a writable mount lives
         self.lock = LockSequence(
             LockSteps(
                 refuse=self._refuse,
@@ -79,6 +98,7 @@ class MountSession:
                 wipe=self._wipe,
                 audit=self._audit_lock,
                 finish=self._finish,
+                unsaved_bytes=self._unsaved_bytes,
             ),
             commit_deadline=settings.lock_deadline_ms / 1000,
         )
@@ -90,6 +110,9 @@ class MountSession:
         self._pending_lock = threading.Lock()
         self._lock_audited = False
         self._removed_at: float | None = None
+        self._record_lock = threading.Lock()
+        self._recorded = 0  # the generation the token's record last got
+        self._recorded_local = 0
 
     # ------------------------------------------------------------------ start-up
     def open(self) -> None:
@@ -97,61 +120,212 @@ class MountSession:
         harden_process()
         path = Path(self.settings.container)
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            # A read-only mount cannot change the container even by mistake.
+            mode = os.O_RDONLY if self.settings.read_only else os.O_RDWR
+            self.fd = os.open(path, mode | os.O_CLOEXEC)
         except OSError as exc:
             raise KryptvaultError(f"cannot open {path}: {exc.strerror}")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise KryptvaultError(f"{path} is already mounted (another kryptvault holds it)")
-        header = read_header(self.fd).header
-        if header.vault_uuid != self.vault_uuid:
+        # Any copy: the one that authenticated at unlock need not be the newest-looking
+        # one (a key-less edit of the other copy, even of its UUID).
+        read = read_header(self.fd, allow_disagreement=True)
+        if all(h.vault_uuid != self.vault_uuid for _, h in read.copies()):
             raise KryptvaultError("the container changed while it was being unlocked")
         data_key, meta_key = self._keys
         try:
-            self.store = ObjectStore.open(self.fd, header.layout, self.vault_uuid, data_key, meta_key)
+            # The geometry of the copy that authenticated at unlock (settings), not of the
+            # newest-looking copy read here before any key: that one may be a forgery.
+            self.store = ObjectStore.open(
+                self.fd, Layout(block_size=self.settings.block_size), self.vault_uuid, data_key, meta_key,
+                read_only=self.settings.read_only,
+                accept_lost_commit=self.settings.accept_lost_commit,
+            )
         finally:
             data_key.wipe()
             meta_key.wipe()
+        self._check_commit_damage()
+        damage = self.store.open_damage
+        if damage and not self.settings.read_only:
+            # The store opened read-only (free space unknown): say so now, not at the
+            # first write, and say what repairs it.
+            first = damage[0]
+            where = f"object {first.oid} stream {first.stream}: " if first.level >= 0 else ""
+            raise KryptvaultError(
+                f"the vault is damaged ({where}{first.reason}); run 'kryptvault fsck --repair {path}'"
+                " (or mount --read-only to copy files out first)"
+            )
+        if self.store.bad_copies:
+            # Nothing is lost (the other copy was read), but the redundancy is gone there.
+            log.warning("%d metadata block(s) have one bad copy; 'kryptvault fsck --repair %s' "
+                        "rewrites them", len(self.store.bad_copies), path)
         self._check_rollback()
-        # statfs counts the free space of the disk the container can still grow into.
-        self.fs = Filesystem(self.store, host_dir=str(path.parent))
+        self._acknowledge_lost_commit()
+        # For key-less backups of this file: whether it is a fork (docs/BACKUP.md §9).
+        remember_lineage(os.fstat(self.fd), self.vault_uuid, self.store.lineage, str(path))
+        try:
+            # statfs counts the free space of the disk the container can still grow into.
+            self.fs = Filesystem(self.store, host_dir=str(path.parent))
+        except IntegrityError as exc:
+            raise KryptvaultError(f"the vault is damaged ({exc}); run 'kryptvault fsck {path}'") from None
         try:
             backup = load_config(self.vault_uuid)
-            self.backup_after_lock = backup.after_lock and bool(backup.destinations)
+            # A read-only mount changed nothing, and is often a restored copy beside the vault.
+            self.backup_after_lock = (
+                backup.after_lock and bool(backup.destinations) and not self.settings.read_only
+            )
         except KryptvaultError as exc:
             log.warning("automatic backups are off: %s", exc)
+        if self.backup_after_lock and self.store.lineage != ORIGINAL_LINEAGE:
+            # The destinations hold the vault's backup set, keyed by UUID only: a fork's
+            # versions there would be another history, and --keep would prune the vault's.
+            self.backup_after_lock = False
+            lineage = describe_lineage(self.store.lineage)
+            why = (f"a fork (lineage {lineage}) is never backed up automatically into the "
+                   "vault's backup set; back it up by hand to a destination of its own")
+            log.warning("no automatic backup after the lock: %s", why)
+            # Not "backup_skipped": `status` shows that as the vault's last backup outcome.
+            self.audit.append("auto_backup_skipped", vault=str(self.vault_uuid), lineage=lineage,
+                              container=self.settings.container, reason=why)
+
+    def _check_commit_damage(self) -> None:
+        assert self.store is not None
+        damage = self.store.commit_damage
+        if damage is None:
+            return
+        self.audit.append(
+            "commit_record_damaged",
+            vault=str(self.vault_uuid),
+            slot=damage.slot,
+            newest_lost=damage.newest_lost,
+            generation=damage.opened_generation,
+        )
+        if damage.newest_lost and not self.settings.read_only and not self.settings.accept_lost_commit:
+            raise KryptvaultError(
+                f"{damage.describe()}; mount --read-only to look at it, or, to write anyway "
+                "(the first commits then reuse the space of the lost generation), --accept-lost-commit"
+            )
+
+    def _acknowledge_lost_commit(self) -> None:
+        """After the rollback check (which must not see a commit of an old copy first)."""
+        store = self.store
+        assert store is not None
+        damage = store.commit_damage
+        if damage is None or not damage.newest_lost or self.settings.read_only:
+            return
+        generation = store.acknowledge_lost_commit()
+        self.audit.append("lost_commit_accepted", vault=str(self.vault_uuid),
+                          fell_back_to=damage.opened_generation, generation=generation)
 
     def _check_rollback(self) -> None:
-        assert self.store is not None
+        """Compare the container with the records of its lineage; on an accepted rollback
+        of a writable mount, fork it first so no record of the old lineage ever moves."""
+        store = self.store
+        assert store is not None
+        read_only = self.settings.read_only
         spec = self.settings.token.get("spec")
-        if not isinstance(spec, str):
-            return  # opened with the recovery key: no token to compare with
-        self.token = resolve_token(spec, vault_uuid=self.vault_uuid)
-        seen = int(str(self.settings.token.get("generation", 0)))
-        accept = bool(self.settings.token.get("accept_rollback"))
-        if check_rollback(self.store.generation, seen, accept):
-            self.audit.append(
-                "rollback_accepted",
-                vault=str(self.vault_uuid),
-                container_generation=self.store.generation,
-                token_generation=seen,
+        if isinstance(spec, str):
+            self.token = resolve_token(spec, vault_uuid=self.vault_uuid)
+            seen = self._token_record(store.lineage)
+            accept = bool(self.settings.token.get("accept_rollback"))
+            damage = store.commit_damage
+            if (
+                damage is not None
+                and damage.newest_lost
+                and (read_only or self.settings.accept_lost_commit)
+                and (damage.newer_generation is None or seen <= damage.newer_generation)
+            ):
+                # The token saw the generation whose record was lost: that, not a
+                # rollback, is why the container is older, and the user has been told.
+                # No fork: it is the same line of commits, one generation short.
+                seen = min(seen, store.generation)
+            if check_rollback(store.generation, seen, accept):
+                self.audit.append(
+                    "rollback_accepted",
+                    vault=str(self.vault_uuid),
+                    container_generation=store.generation,
+                    token_generation=seen,
+                    lineage=describe_lineage(store.lineage),
+                    read_only=read_only,
+                )
+                if not read_only:
+                    old = store.lineage
+                    new = store.fork_lineage()
+                    store.commit()
+                    self.audit.append(
+                        "lineage_forked",
+                        vault=str(self.vault_uuid),
+                        old_lineage=describe_lineage(old),
+                        lineage=describe_lineage(new),
+                        generation=store.generation,
+                    )
+        if not read_only:
+            # After a fork (a lineage of its own), before anything raises this lineage's
+            # records: another writable mount of the same history is refused here.
+            self._writer_lock = take_writer_lock(
+                self.vault_uuid, store.lineage, describe_lineage(store.lineage),
+                str(self.mountpoint), self.settings.container,
             )
-        self._record_generation(self.store.generation, allow_lower=accept)
+            self._record_generation(store.generation)
 
-    def _record_generation(self, generation: int, allow_lower: bool = False) -> bool:
+    def _token_record(self, lineage: bytes) -> int:
+        """What the token saw of this lineage: its record file, and for the original
+        lineage also the generation older builds kept in the share file itself."""
         token = self.token
-        if token is None or not token.is_present():
-            return False
-        share = token.read_share(self.vault_uuid)
+        assert token is not None
         try:
-            if share.generation >= generation and not allow_lower:
-                return True
-            share.generation = generation
-            token.write_share(share)
+            seen = read_records(token.share_dir, self.vault_uuid).get(lineage)
+        except RecordsDamaged as exc:
+            log.warning("%s; rollback detection starts afresh from this mount", exc)
+            seen = 0
+        if lineage == ORIGINAL_LINEAGE:
+            seen = max(seen, int(str(self.settings.token.get("generation", 0))))
+        return seen
+
+    def _record_generation(self, generation: int) -> bool:
+        """Raise this lineage's records to `generation` (never lower them): the local one,
+        and the token's if it is present. True if the token's record is current."""
+        if self.settings.read_only or self.store is None:
+            return False
+        lineage = self.store.lineage
+        with self._record_lock:
+            try:
+                advance_records(local_records_dir(), self.vault_uuid, lineage, generation)
+                self._recorded_local = generation
+            except (KryptvaultError, OSError) as exc:
+                log.warning("could not update the local rollback record: %s", exc)
+            if self.token is None or not self.token.is_present():
+                return False
+            try:
+                advance_records(self.token.share_dir, self.vault_uuid, lineage, generation)
+            except KryptvaultError as exc:
+                log.warning("could not update the token's rollback record: %s", exc)
+                return False
+            self._recorded = generation
             return True
-        finally:
-            share.wipe()
+
+    def _follow_generation(self) -> None:
+        """Keep the token's record close behind the commits while the token is present,
+        so that a lock by unplugging (which cannot write to the token) leaves it current."""
+        last_write = 0.0
+        while not self.lock.locked:
+            time.sleep(RECORD_POLL)
+            store = self.store
+            if store is None or self.lock.locked:
+                return
+            generation = store.generation
+            behind = generation > self._recorded_local or (
+                self.token is not None and generation > self._recorded
+            )
+            if not behind or time.monotonic() - last_write < RECORD_INTERVAL:
+                continue
+            last_write = time.monotonic()
+            try:
+                self._record_generation(generation)
+            except Exception:
+                log.exception("recording the generation failed")
 
     def run(self) -> int:
         """Serve until a lock; returns only if the lock did not end the process."""
@@ -160,6 +334,8 @@ class MountSession:
         threading.Thread(target=self._wait_for_signals, name="kryptvault-signals", daemon=True).start()
         self._start_control()
         threading.Thread(target=self._reap_holds, name="kryptvault-holds", daemon=True).start()
+        if not self.settings.read_only:
+            threading.Thread(target=self._follow_generation, name="kryptvault-record", daemon=True).start()
         if self.token is not None:
             self.watcher = TokenWatcher(
                 self.token, lambda route: self.trigger_lock("unplug", route), on_event=self._token_event
@@ -180,6 +356,7 @@ class MountSession:
                 allow_other=self.settings.allow_other,
                 fsname=self.vault_uuid.hex[:8],
                 commit_delay=self.settings.commit_delay,
+                extra_options={"ro": True} if self.settings.read_only else None,
                 on_ready=self._ready,
                 on_operations=self._set_operations,
             )
@@ -234,14 +411,16 @@ class MountSession:
 
     # ------------------------------------------------------------------ control API
     def _start_control(self) -> None:
-        handlers = {
+        handlers: dict[str, Handler] = {
             "status": self._op_status,
             "lock": self._op_lock,
             "commit": self._op_commit,
             "backup-hold": self._op_backup_hold,
             "backup-release": self._op_backup_release,
         }
-        self.control = ControlServer(socket_path_for(self.vault_uuid), handlers, self.audit)
+        # One socket per container file: a restored copy mounts beside its vault.
+        path = socket_path_for(self.vault_uuid, container_instance(os.fstat(self.fd)))
+        self.control = ControlServer(path, handlers, self.audit)
         self.control.start()
 
     def status(self) -> dict[str, object]:
@@ -258,7 +437,22 @@ class MountSession:
             "last_commit_age_seconds": self._last_commit_age(),
             "backup_holds": self.backup_holds,
             "locking": self.lock.locked,
+            "read_only": self.settings.read_only,
+            "lineage": describe_lineage(store.lineage) if store else None,
+            # Why changes cannot be saved (a commit failed; the vault refuses changes until
+            # one succeeds), or None: `status` shows "ok": false with this as the reason.
+            "problem": self._save_problem(),
         }
+
+    def _save_problem(self) -> str | None:
+        fs, store = self.fs, self.store
+        problem = fs.save_failure if fs is not None else None
+        if problem is None and store is not None:
+            problem = store.save_problem
+        return problem
+
+    def _unsaved_bytes(self) -> int:
+        return self.store.dirty_bytes() if self.store is not None else 0
 
     def _last_commit_age(self) -> float | None:
         stamp = self.fs.last_commit if self.fs else None
@@ -267,22 +461,29 @@ class MountSession:
     def _op_status(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
         return self.status()
 
-    def _op_lock(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
+    def _op_lock(self, request: dict[str, object], peer: PeerCred) -> AfterReply:
         # The udev removal unit locks through `kryptvault lock --reason unplug`.
         unplug = request.get("reason") == "unplug"
         reason, route = ("unplug", "udev") if unplug else ("command", f"control pid {peer.pid}")
-        threading.Thread(target=self.trigger_lock, args=(reason, route), daemon=True).start()
-        return {"locking": True}
+        # The lock ends this process: it starts only once the answer is with the client.
+        return AfterReply({"locking": True}, lambda: self.trigger_lock(reason, route))
 
     def _op_commit(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
+        return {"generation": self._commit_now()}
+
+    def _commit_now(self) -> int:
+        """Commit for a client: a failure is its answer (one line), not an internal error."""
         assert self.fs is not None
-        return {"generation": self.fs.commit()}
+        try:
+            return self.fs.commit()
+        except OSError as exc:
+            raise KryptvaultError(f"cannot commit: {exc.strerror or exc}") from None
 
     def _op_backup_hold(self, request: dict[str, object], peer: PeerCred) -> dict[str, object]:
         assert self.fs is not None and self.store is not None
         if self.lock.locked:
             raise KryptvaultError("the vault is locking")
-        self.fs.commit()
+        self._commit_now()
         generation, head = self.store.hold_reuse_with_head()
         with self._holds_lock:
             self._holds.append(peer.pid)
@@ -336,8 +537,11 @@ class MountSession:
 
     def _record_generation_at_lock(self, generation: int) -> bool:
         outcome = self.lock.outcome
+        # After an unplug the token has just left; asking it costs time and cannot work:
+        # its record is at most one RECORD_INTERVAL behind (_follow_generation).
+        # The local record waits too: its fsync would delay taking the mount away.
         if outcome is not None and outcome.reason == "unplug":
-            return False  # the token has just left; asking it costs time and cannot work
+            return False
         return self._record_generation(generation)
 
     def _take_mount_away(self) -> None:
@@ -365,6 +569,8 @@ class MountSession:
         if self.control is not None:
             with contextlib.suppress(Exception):
                 self.control.abandon()
+        if self._writer_lock is not None:
+            self._writer_lock.remove_name()  # held until exit all the same
         if self.store is not None:
             with contextlib.suppress(Exception):
                 self.store.abandon()
@@ -407,6 +613,8 @@ class MountSession:
                 "commit_late": outcome.commit_late,
                 "token_updated": outcome.token_updated,
                 "error": outcome.commit_error,
+                "unsaved_bytes": outcome.unsaved_bytes,
+                "pid": os.getpid(),  # lets `kryptvault lock` find this lock's entry
             },
         )
         with self._pending_lock:

@@ -7,6 +7,8 @@ This is where the two stacks meet: the container (keyslots) below and the token
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +24,8 @@ from kryptvault.container.keyslots import (
 )
 from kryptvault.container.vault import read_container_header
 from kryptvault.crypto.secret import Secret
-from kryptvault.errors import TokenError
+from kryptvault.errors import AuthenticationError, IntegrityError, KryptvaultError, TokenError
+from kryptvault.session.audit import AuditLog, Backoff
 from kryptvault.token.base import Token, TokenIdentity
 from kryptvault.token.resolve import resolve_token
 from kryptvault.token.share import Share
@@ -100,28 +103,195 @@ def unlock_container(
     token_spec: str | None,
     ask_password: AskSecret,
     ask_recovery_key: AskSecret | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> Unlocked:
-    """Open with token + password, or with the recovery key when `ask_recovery_key` is given."""
-    read = read_container_header(path)
-    header = read.header
-    if ask_recovery_key is not None:
-        with ask_recovery_key() as text, parse_recovery_key(text) as key:
-            master, slot = unlock_with_recovery_key(header, key)
-        unlocked = Unlocked(path, read, master, slot)
-    else:
-        token = find_token(header, token_spec)
-        share = token.read_share(header.vault_uuid)
-        try:
-            factor = token_factor(token, share)
-            with factor.secret, ask_password() as password:
-                master, slot = unlock_with_password(header, password, factor, candidate_slots(header, token))
-        except BaseException:
-            share.wipe()
-            raise
-        unlocked = Unlocked(path, read, master, slot, token, share)
+    """Open with token + password, or with the recovery key when `ask_recovery_key` is given.
+
+    Every command that opens a vault comes through here, so here is where a failed
+    guess is paid for: the back-off delay before asking, and an `unlock_failed` audit
+    entry after a wrong password or recovery key (an `unlock_ok` after a right one).
+    `notice` gets the lines meant for the user (the wait); by default they go to stderr
+    when it is a terminal (a script's stderr keeps to the one-line error rule).
+    """
+    say = notice or (_to_stderr if sys.stderr.isatty() else None)
+    # Copies that name different vaults are each tried on their own: the one whose
+    # keyslot and MAC authenticate is genuine (a key-less edit of one copy's UUID must
+    # not make the vault unopenable).
+    read = read_container_header(path, allow_disagreement=True)
+    vault = read.header.vault_uuid
+    vaults = _vaults(read)
+    backoff = Backoff()
+    # The back-off of every UUID named: editing one copy's UUID must not reset it.
+    delay = max(backoff.delay_for(v) for v in vaults)
+    if delay > 0:
+        if say is not None:
+            say(f"waiting {delay:.0f} s after recent failed attempts…")
+        time.sleep(delay)
     try:
-        authenticate_header(header, unlocked.master)
+        unlocked = _unlock(path, read, token_spec, ask_password, ask_recovery_key)
+    except AuthenticationError:
+        for named in vaults:
+            backoff.record_failure(named)
+        with AuditLog() as audit:
+            audit.append(
+                "unlock_failed",
+                vault=vault,
+                container=str(path),
+                method="recovery" if ask_recovery_key else "token+password",
+            )
+        raise
+    try:
+        vault = unlocked.vault_uuid
+        backoff.record_success(vault)
+        with AuditLog() as audit:
+            audit.append("unlock_ok", vault=vault, slot=unlocked.slot, container=str(path))
     except BaseException:
         unlocked.wipe()
         raise
     return unlocked
+
+
+def _to_stderr(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+Opener = Callable[[Header], tuple[Secret, int]]
+
+
+class _OtherVault(AuthenticationError):
+    """A share of one vault tried on a header copy naming another: not an attempt."""
+
+
+def _vaults(read: HeaderRead) -> list[uuid.UUID]:
+    """The vault UUIDs the copies name, the best copy's first."""
+    found: list[uuid.UUID] = []
+    for _, header in read.copies():
+        if header.vault_uuid not in found:
+            found.append(header.vault_uuid)
+    return found
+
+
+def _open_some_copy(read: HeaderRead, openers: list[Opener]) -> tuple[HeaderRead, Secret, int, int]:
+    """Unwrap a keyslot and authenticate the header, trying the best copy first and then
+    the other: which copy is "best" is decided by its sequence number before anything is
+    authenticated, so a key-less edit could otherwise make an intact vault unopenable.
+
+    Returns the read as opened (the copies that failed listed as damaged), the master
+    key, the slot and which opener worked. Two copies with the same keyslots unwrap
+    alike, so a second Argon2 run is spent only where the slots differ.
+    """
+    outcomes: dict[tuple[bytes, int], tuple[Secret, int] | None] = {}
+    failed: list[tuple[int, str]] = []
+    errors: list[KryptvaultError] = []
+    try:
+        for index, header in read.copies():
+            area = header.slot_area()
+            opened_slot = False
+            for n, opener in enumerate(openers):
+                if (area, n) not in outcomes:
+                    try:
+                        master, slot = opener(header)
+                    except _OtherVault:
+                        continue  # cheap, and nothing to remember for this area
+                    except AuthenticationError as exc:
+                        outcomes[(area, n)] = None
+                        errors.append(exc)
+                        continue
+                    outcomes[(area, n)] = (master, slot)
+                known = outcomes[(area, n)]
+                if known is None:
+                    continue
+                opened_slot = True
+                try:
+                    authenticate_header(header, known[0])
+                except IntegrityError as exc:
+                    errors.append(exc)
+                    break  # the key is the vault's: this copy's MAC is what is wrong
+                outcomes[(area, n)] = None  # handed out, not to be wiped below
+                return read.opened_with(index, failed), known[0], known[1], n
+            failed.append((index, "failed authentication" if opened_slot else "no keyslot opens it"))
+    finally:
+        for known in outcomes.values():
+            if known is not None:
+                known[0].wipe()
+    if not errors:
+        raise AuthenticationError("no keyslot opens either header copy")
+    # Tampering (a slot opened, the MAC did not match) outranks a wrong password.
+    raise next((e for e in errors if isinstance(e, IntegrityError)), errors[0])
+
+
+def _unlock(
+    path: Path,
+    read: HeaderRead,
+    token_spec: str | None,
+    ask_password: AskSecret,
+    ask_recovery_key: AskSecret | None,
+) -> Unlocked:
+    if ask_recovery_key is not None:
+        with ask_recovery_key() as text, parse_recovery_key(text) as key:
+            opened, master, slot, _ = _open_some_copy(read, [lambda h: unlock_with_recovery_key(h, key)])
+        return Unlocked(path, opened, master, slot)
+    token = _find_token_any_copy(read, token_spec)
+    vaults = _vaults(read)
+    shares: list[tuple[uuid.UUID, Share]] = []
+    try:
+        missing: TokenError | None = None
+        for vault in vaults:
+            # The share file is per vault UUID: a copy naming a vault this token has no
+            # share for is simply not one this token opens.
+            try:
+                shares.append((vault, token.read_share(vault)))
+            except TokenError as exc:
+                missing = missing or exc
+                continue
+            pending = token.read_pending_share(vault)
+            if pending is not None:
+                shares.append((vault, pending))
+        if not shares:
+            assert missing is not None
+            raise missing
+        factors = [(vault, token_factor(token, share)) for vault, share in shares]
+        try:
+            with ask_password() as password:
+                openers = [_password_opener(password, f, token, vault) for vault, f in factors]
+                opened, master, slot, used = _open_some_copy(read, openers)
+        finally:
+            for _, f in factors:
+                f.secret.wipe()
+    except BaseException:
+        for _, share in shares:
+            share.wipe()
+        raise
+    share = shares.pop(used)[1]
+    for _, other in shares:
+        other.wipe()
+    if used:
+        # A rekey stopped between putting the new container in place and making its
+        # share the token's share file: finish that (the old share opens nothing now).
+        try:
+            token.promote_pending_share(share)
+        except TokenError as exc:
+            _to_stderr(f"warning: could not finish the token's share update: {exc}")
+    return Unlocked(path, opened, master, slot, token, share)
+
+
+def _password_opener(password: Secret, factor: TokenFactor, token: Token, vault: uuid.UUID) -> Opener:
+    def opener(header: Header) -> tuple[Secret, int]:
+        if header.vault_uuid != vault:
+            raise _OtherVault("this share belongs to another vault")
+        return unlock_with_password(header, password, factor, candidate_slots(header, token))
+
+    return opener
+
+
+def _find_token_any_copy(read: HeaderRead, spec: str | None) -> Token:
+    """The token, found through the best copy's keyslots or else the other copy's."""
+    error: TokenError | None = None
+    for _, header in read.copies():
+        try:
+            return find_token(header, spec)
+        except TokenError as exc:
+            error = error or exc
+    assert error is not None
+    raise error

@@ -17,6 +17,8 @@ from pathlib import Path
 from kryptvault.errors import TokenError
 from kryptvault.token.share import (
     Share,
+    promote_pending_share,
+    read_pending_share_file,
     read_share_file,
     share_path,
     write_share_file,
@@ -204,6 +206,21 @@ class Token(ABC):
         self._require_present()
         self._prepare_share_dir()
         write_share_file(self.share_dir, share)
+
+    def read_pending_share(self, vault_uuid: uuid.UUID) -> Share | None:
+        """The new share an unfinished rekey left (None when there is none)."""
+        self._require_present()
+        return read_pending_share_file(self.share_dir, vault_uuid)
+
+    def write_pending_share(self, share: Share) -> None:
+        self._require_present()
+        self._prepare_share_dir()
+        write_share_file(self.share_dir, share, pending=True)
+
+    def promote_pending_share(self, share: Share) -> None:
+        """The pending share opens the container now: make it the share file."""
+        self._require_present()
+        promote_pending_share(self.share_dir, share)
 
     def has_share(self, vault_uuid: uuid.UUID) -> bool:
         try:

@@ -34,6 +34,9 @@ VERSION = 1
 SHARE_SIZE = 128
 SECRET_SIZE = 32
 SUFFIX = ".kvshare"
+# A rekey's new share waits under this suffix until the new container is in place (see
+# kryptvault/cli/rekey_commands.py): at every moment one of the two opens the vault.
+PENDING_SUFFIX = ".next"
 SHARE_DIR_NAME = ".kryptvault"
 _BODY = 96  # bytes covered by the checksum
 _HEADER = struct.Struct(">8sHHI16s")  # magic, version, flags, reserved, uuid
@@ -109,8 +112,8 @@ def decode_share(data: bytes | bytearray | memoryview, expected_uuid: uuid.UUID)
     return Share(expected_uuid, secret, generation)
 
 
-def share_path(share_dir: Path, vault_uuid: uuid.UUID) -> Path:
-    return share_dir / f"{vault_uuid}{SUFFIX}"
+def share_path(share_dir: Path, vault_uuid: uuid.UUID, *, pending: bool = False) -> Path:
+    return share_dir / f"{vault_uuid}{SUFFIX}{PENDING_SUFFIX if pending else ''}"
 
 
 def list_share_uuids(share_dir: Path) -> list[uuid.UUID]:
@@ -152,13 +155,13 @@ def _write_all(fd: int, data: bytearray) -> None:
         view = view[os.write(fd, view) :]
 
 
-def write_share_file(share_dir: Path, share: Share) -> None:
+def write_share_file(share_dir: Path, share: Share, *, pending: bool = False) -> None:
     """Atomically create or replace the share file: temp file, fsync, rename, fsync dir.
 
     Whatever fails, the final name holds either the old complete file or the new one,
-    and no temp file is left behind.
+    and no temp file is left behind. `pending`: the rekey's waiting share instead.
     """
-    final = share_path(share_dir, share.vault_uuid)
+    final = share_path(share_dir, share.vault_uuid, pending=pending)
     tmp = share_dir / f"{final.name}.tmp-{secrets.token_hex(8)}"
     data = encode_share(share)
     created = False
@@ -189,8 +192,8 @@ def write_share_file(share_dir: Path, share: Share) -> None:
         data[:] = bytes(len(data))
 
 
-def read_share_file(share_dir: Path, vault_uuid: uuid.UUID) -> Share:
-    path = share_path(share_dir, vault_uuid)
+def read_share_file(share_dir: Path, vault_uuid: uuid.UUID, *, pending: bool = False) -> Share:
+    path = share_path(share_dir, vault_uuid, pending=pending)
     # One byte more than a share file holds, so that an overlong file is seen as such.
     buf = bytearray(SHARE_SIZE + 1)
     try:
@@ -230,3 +233,27 @@ def create_share_dir(mount_root: Path) -> Path:
     except OSError as exc:
         raise TokenError(_os_error_message(exc, mount_root, "create the share directory"))
     return share_dir
+
+
+def read_pending_share_file(share_dir: Path, vault_uuid: uuid.UUID) -> Share | None:
+    """The share a rekey left waiting, or None (none there, or not readable: then only the
+    main share can open the vault, as without a rekey)."""
+    try:
+        return read_share_file(share_dir, vault_uuid, pending=True)
+    except TokenError:
+        return None
+
+
+def promote_pending_share(share_dir: Path, share: Share) -> None:
+    """Make `share` (the pending one, which opens the vault) the main share file, then
+    drop the pending file. A crash in between leaves both names holding it."""
+    write_share_file(share_dir, share)
+    discard_pending_share(share_dir, share.vault_uuid)
+
+
+def discard_pending_share(share_dir: Path, vault_uuid: uuid.UUID) -> None:
+    try:
+        share_path(share_dir, vault_uuid, pending=True).unlink(missing_ok=True)
+        fsync_dir(share_dir)
+    except OSError as exc:
+        raise TokenError(_os_error_message(exc, share_dir, "remove the pending share file"))

@@ -29,16 +29,25 @@ _SAFE_VALUE = re.compile(r"[A-Za-z0-9._-]{1,126}")
 STICK_RULES = (
     'SUBSYSTEM=="usb", ENV{{DEVTYPE}}=="usb_device", ATTR{{idVendor}}=="{vendor}", '
     'ATTR{{idProduct}}=="{product}", ATTR{{serial}}=="{serial}", TAG+="uaccess"\n'
-    'SUBSYSTEM=="block", ENV{{ID_SERIAL_SHORT}}=="{serial}", TAG+="uaccess"\n'
+    'SUBSYSTEM=="block", ENV{{ID_BUS}}=="usb", ENV{{ID_SERIAL_SHORT}}=="{serial}", TAG+="uaccess"\n'
 )
+# ENV{ID_BUS}=="usb": an ATA or NVMe disk has an ID_SERIAL_SHORT too, and a stick that
+# reports the serial of an internal disk must not get the user access to that disk.
 USB_VAULT_RULE = (
     'ACTION!="remove", SUBSYSTEM=="block", ENV{{DEVTYPE}}=="disk", '
-    'ENV{{ID_SERIAL_SHORT}}=="{serial}", TAG+="systemd", '
+    'ENV{{ID_BUS}}=="usb", ENV{{ID_SERIAL_SHORT}}=="{serial}", TAG+="systemd", '
     'ENV{{SYSTEMD_ALIAS}}+="/sys/subsystem/kryptvault/{vault}", '
     'ENV{{SYSTEMD_USER_WANTS}}+="kryptvault-guard@{vault}.service"\n'
 )
+# A filesystem token is removable media: on a USB bus (stick, card reader) or an SD/MMC
+# card in a built-in reader (no ID_BUS there; its parent is on the mmc bus). A filesystem
+# UUID is easily copied, so internal disks, loop and virtual devices are not matched.
 FS_VAULT_RULE = (
-    'ACTION!="remove", SUBSYSTEM=="block", ENV{{ID_FS_UUID}}=="{fs_uuid}", '
+    'ACTION!="remove", SUBSYSTEM=="block", ENV{{ID_BUS}}=="usb", ENV{{ID_FS_UUID}}=="{fs_uuid}", '
+    'TAG+="systemd", '
+    'ENV{{SYSTEMD_ALIAS}}+="/sys/subsystem/kryptvault/{vault}", '
+    'ENV{{SYSTEMD_USER_WANTS}}+="kryptvault-guard@{vault}.service"\n'
+    'ACTION!="remove", SUBSYSTEM=="block", SUBSYSTEMS=="mmc", ENV{{ID_FS_UUID}}=="{fs_uuid}", '
     'TAG+="systemd", '
     'ENV{{SYSTEMD_ALIAS}}+="/sys/subsystem/kryptvault/{vault}", '
     'ENV{{SYSTEMD_USER_WANTS}}+="kryptvault-guard@{vault}.service"\n'

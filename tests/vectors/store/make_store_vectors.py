@@ -1,9 +1,12 @@
-"""Regenerates tests/vectors/store/store_v1.json from fixed inputs (run by hand, output
+"""Regenerates tests/vectors/store/store_v2.json from fixed inputs (run by hand, output
 committed): `.venv/bin/python tests/vectors/store/make_store_vectors.py`.
 
 One Merkle chain, as docs/FORMAT.md §4 describes it: commit record -> object-table
 block -> entry of object 1 -> stream root -> indirect block -> data block; plus one group
-descriptor. tests/test_store_vectors.py checks it against the raw primitives and our code.
+descriptor. The table and indirect blocks are metadata: their pointers carry a ditto
+distance to a second copy (§4.2). tests/test_store_vectors.py checks it against the raw
+primitives and our code. store_v1.json (store format 1, no second copies) was made by
+the format-1 version of this script and is kept: format 1 is still read.
 """
 
 from __future__ import annotations
@@ -30,12 +33,12 @@ INPUTS = {
     "data_plaintext": "bytes(i * 7 % 251 for i in range(5000)) followed by zeros to block_size",
     "data": {"oid": 1, "stream": 0, "level": 0, "index": 0, "unit": 17,
              "nonce": bytes(range(0xA0, 0xAC)).hex()},
-    "indirect": {"oid": 1, "stream": 0, "level": 1, "index": 0, "unit": 18,
+    "indirect": {"oid": 1, "stream": 0, "level": 1, "index": 0, "unit": 18, "ditto": 30,
                  "nonce": bytes(range(0xB0, 0xBC)).hex(),
                  "note": "slot 0 = data pointer, slot 1 = hole, slot 2 = data pointer again"},
     "stream_size": 2 * BS + 5000,
     "attrs": bytes(range(128)).hex(),
-    "table": {"oid": 0, "stream": 0, "level": 0, "index": 0, "unit": 19,
+    "table": {"oid": 0, "stream": 0, "level": 0, "index": 0, "unit": 19, "ditto": 20,
               "nonce": bytes(range(0xC0, 0xCC)).hex(),
               "note": "entries 0 (zero) and 1 (in use); table stream size 512"},
     "commit": {"generation": 7, "total_units": 4096, "encryptions": 3,
@@ -61,8 +64,14 @@ def main() -> None:
         nonce = bytes.fromhex(spec["nonce"])
         ct, ptr = fmt.seal_block(data.seal, vid, *where, plain, spec["unit"], US, nonce)
         aad = fmt.block_aad(vid, *where, len(ct))
-        return {"aad": aad.hex(), "stored_length": len(ct), "ciphertext": bytes(ct).hex(),
-                "pointer": ptr.hex()}
+        out = {"aad": aad.hex(), "stored_length": len(ct), "ciphertext": bytes(ct).hex()}
+        ditto = spec.get("ditto", 0)
+        if ditto:
+            unit, units, _flags, nonce_, tag = fmt.unpack_pointer(ptr)
+            ptr = fmt.pack_pointer(unit, units, nonce_, tag, flags=ditto & 0xFFFF)
+            out["copy2_unit"] = unit + ditto * (BS // US)  # the same ciphertext there
+        out["pointer"] = ptr.hex()
+        return out
 
     out["data_block"] = seal(INPUTS["data"], data_plaintext())
     dptr = bytes.fromhex(out["data_block"]["pointer"])
@@ -108,11 +117,11 @@ def main() -> None:
                                "sha256_of_whole": hashlib.sha256(raw).hexdigest()}
 
     doc = {
-        "description": "kryptvault object store format 1 known-answer vectors (docs/FORMAT.md §4)",
+        "description": "kryptvault object store format 2 known-answer vectors (docs/FORMAT.md §4)",
         "inputs": INPUTS,
         "expected": out,
     }
-    path = Path(__file__).with_name("store_v1.json")
+    path = Path(__file__).with_name("store_v2.json")
     path.write_text(json.dumps(doc, indent=1) + "\n")
     print("wrote", path)
 
