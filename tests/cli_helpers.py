@@ -24,10 +24,14 @@ def run_cli(*args: str | Path) -> Result:
 
 
 def run_process(
-    *args: str | Path, input_text: str | None = None, pass_fds: tuple[int, ...] = ()
+    *args: str | Path,
+    input_text: str | None = None,
+    pass_fds: tuple[int, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [KRYPTVAULT, *map(str, args)],
+        env=env,
         input=input_text,
         capture_output=True,
         text=True,
@@ -35,6 +39,11 @@ def run_process(
         stdin=None if input_text is not None else subprocess.DEVNULL,
         timeout=120,
     )
+
+
+def run_process_in(env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """The command as another session would run it: `env` instead of the suite's own."""
+    return run_process(*args, env=env)
 
 
 @dataclass
@@ -61,16 +70,22 @@ def make_vault(tmp: Path, password: str = PASSWORD, name: str = "vault.kv") -> V
     return VaultFixture(tmp, container, token, pw, uuid)
 
 
-def mounted_vault_and_dest(tmp: Path) -> tuple[VaultFixture, Path, Path]:
-    """A fresh vault mounted on tmp/mnt with the real CLI, and an empty tmp/dest directory.
-    Without FUSE the test skips (fails under CI=true); with it, a mount that fails is a
-    failure. The caller locks (`run_process("lock", mnt)`)."""
-    require_fuse()
+def vault_and_dest(tmp: Path) -> tuple[VaultFixture, Path, Path]:
+    """A fresh vault, an empty tmp/mnt to mount it on and an empty tmp/dest directory."""
     vault = make_vault(tmp)
     mnt = tmp / "mnt"
     mnt.mkdir()
     dest = tmp / "dest"
     dest.mkdir()
+    return vault, mnt, dest
+
+
+def mounted_vault_and_dest(tmp: Path) -> tuple[VaultFixture, Path, Path]:
+    """A fresh vault mounted on tmp/mnt with the real CLI, and an empty tmp/dest directory.
+    Without FUSE the test skips (fails under CI=true); with it, a mount that fails is a
+    failure. The caller locks (`run_process("lock", mnt)`)."""
+    require_fuse()
+    vault, mnt, dest = vault_and_dest(tmp)
     mounted = run_process("mount", vault.container, mnt, *vault.pw())
     assert mounted.returncode == 0, mounted.stderr
     return vault, mnt, dest

@@ -52,13 +52,17 @@ def test_token_add_enrols_new_token_and_opens_with_token_like_every_command(tmp_
     assert _opens(vault.container, vault.token, vault.password_file)
 
 
-def test_token_add_without_new_token_names_the_option_to_use(tmp_path: Path) -> None:
+def _token_add_with_only(option: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """`token add` with the password and one token, an empty directory, given as `option`."""
     vault = make_vault(tmp_path)
     backup = tmp_path / "backup-token"
     backup.mkdir()
-    result = run_process(
-        "token", "add", vault.container, "--token", backup, "--password-file", vault.password_file
-    )
+    add = ("token", "add", vault.container, option, backup)
+    return run_process(*add, "--password-file", vault.password_file), backup
+
+
+def test_token_add_without_new_token_names_the_option_to_use(tmp_path: Path) -> None:
+    result, backup = _token_add_with_only("--token", tmp_path)
     assert result.returncode == 2
     assert_clean_error(result.stderr)
     assert "--new-token" in result.stderr
@@ -68,12 +72,7 @@ def test_token_add_without_new_token_names_the_option_to_use(tmp_path: Path) -> 
 def test_token_add_hint_for_the_unlocking_token_names_token(tmp_path: Path) -> None:
     """The vault's token is a directory, not named: the hint names --token, which is now
     the option that gives the unlocking token in token add too."""
-    vault = make_vault(tmp_path)
-    backup = tmp_path / "backup-token"
-    backup.mkdir()
-    result = run_process(
-        "token", "add", vault.container, "--new-token", backup, "--password-file", vault.password_file
-    )
+    result, _ = _token_add_with_only("--new-token", tmp_path)
     assert result.returncode == 1
     assert_clean_error(result.stderr)
     assert "give it with --token PATH" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -431,50 +432,44 @@ ENDING_SERVER = textwrap.dedent(
 )
 
 
-def _ending_server(path: Path) -> subprocess.Popen[str]:
+@contextlib.contextmanager
+def _ending_server(path: Path) -> Iterator[subprocess.Popen[str]]:
+    """The ENDING_SERVER, serving at `path` until the block ends (then killed)."""
     child = subprocess.Popen(
         [sys.executable, "-c", ENDING_SERVER, str(path)], stdout=subprocess.PIPE, text=True
     )
-    assert child.stdout is not None and child.stdout.readline() == "ready\n"
-    child.stdout.close()
-    return child
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        child.stdout.close()
+        yield child
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_an_op_that_ends_the_process_still_gets_its_answer_to_the_client(run_dir: Path) -> None:
     path = run_dir / f"{VAULT}.sock"
     for _ in range(5):
-        child = _ending_server(path)
-        try:
+        with _ending_server(path) as child:
             assert ControlClient(path, timeout=10).request("end") == {"ending": True, "ok": True}
             assert child.wait(10) == 7  # the action ran, after the answer
-        finally:
-            child.kill()
-            child.wait()
 
 
 def test_the_action_after_the_answer_runs_even_if_the_client_left_first(run_dir: Path) -> None:
     path = run_dir / f"{VAULT}.sock"
-    child = _ending_server(path)
-    try:
+    with _ending_server(path) as child:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(str(path))
             sock.sendall(b'{"op":"end"}\n')
         assert child.wait(10) == 7
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_client_tells_a_connection_closed_without_an_answer_apart(run_dir: Path) -> None:
     path = run_dir / f"{VAULT}.sock"
-    child = _ending_server(path)
-    try:
+    with _ending_server(path) as child:
         with pytest.raises(NoAnswerError, match="closed the connection without answering"):
             ControlClient(path, timeout=10).request("die")
         assert child.wait(10) == 9
-    finally:
-        child.kill()
-        child.wait()
 
 
 # ---------------------------------------------------------------------- audit

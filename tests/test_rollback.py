@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_clean_error, make_vault, run_process
+from cli_helpers import assert_clean_error, make_vault, run_process, vault_and_dest
 
 from kryptvault.token.records import read_records
 
@@ -25,11 +25,7 @@ def _lineages(token: Path, vault_uuid: str) -> int:
 
 
 def test_an_older_container_is_refused_until_the_rollback_is_accepted(tmp_path: Path) -> None:
-    vault = make_vault(tmp_path)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    dest = tmp_path / "backups"
-    dest.mkdir()
+    vault, mnt, dest = vault_and_dest(tmp_path)
     assert run_process("mount", vault.container, mnt, *vault.pw()).returncode == 0
     (mnt / "state.txt").write_text("version one\n")
     assert run_process("lock", mnt).returncode == 0

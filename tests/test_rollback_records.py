@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_clean_error, make_vault, run_cli, run_process
+from cli_helpers import assert_clean_error, make_vault, run_cli, run_process, vault_and_dest
 
 from kryptvault.container.layout import COMMIT_OFFSETS, DATA_AREA_OFFSET
 from kryptvault.session.rollback import RECORD_INTERVAL, RECORD_POLL
@@ -97,11 +97,7 @@ def test_read_only_mount_refuses_writes_and_never_touches_container_or_token(tmp
 def test_a_restored_side_copy_never_makes_the_live_vault_look_rolled_back(tmp_path: Path) -> None:
     """Issue 3: restore to a side path, mount it with --accept-rollback, write more commits
     than the live vault has, lock: the live vault still mounts without any flag."""
-    vault = make_vault(tmp_path)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    dest = tmp_path / "backups"
-    dest.mkdir()
+    vault, mnt, dest = vault_and_dest(tmp_path)
     _write_and_lock(vault.container, mnt, vault.pw(), "state.txt", "version one\n")
     backed = run_process("backup", vault.container, dest, "--json")
     assert backed.returncode == 0, backed.stderr
@@ -150,11 +146,7 @@ def test_a_restored_side_copy_never_makes_the_live_vault_look_rolled_back(tmp_pa
 
 
 def test_restore_with_new_identity_mounts_beside_the_vault_without_any_flag(tmp_path: Path) -> None:
-    vault = make_vault(tmp_path)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    dest = tmp_path / "backups"
-    dest.mkdir()
+    vault, mnt, dest = vault_and_dest(tmp_path)
     _write_and_lock(vault.container, mnt, vault.pw(), "a", "one")
     assert run_process("backup", vault.container, dest).returncode == 0
     _write_and_lock(vault.container, mnt, vault.pw(), "a", "two")

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
-from cli_helpers import KRYPTVAULT, make_vault, run_process
+from cli_helpers import make_vault, run_process, run_process_in
 from conftest import SESSION_ENV
 
 pytestmark = pytest.mark.fuse
@@ -23,17 +22,6 @@ def _user_env(root: Path) -> dict[str, str]:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         env[name] = str(path)
     return env
-
-
-def _as_user(env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [KRYPTVAULT, *map(str, args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=120,
-    )
 
 
 def test_the_suite_points_home_and_xdg_dirs_into_its_own_session_directory() -> None:
@@ -51,7 +39,7 @@ def test_lock_all_in_the_suite_leaves_a_vault_mounted_in_another_session_untouch
     user_vault = make_vault(tmp_path / "user", name="user.kv")
     user_mnt = tmp_path / "user-mnt"
     user_mnt.mkdir()
-    mounted = _as_user(user_env, "mount", user_vault.container, user_mnt, *user_vault.pw())
+    mounted = run_process_in(user_env, "mount", user_vault.container, user_mnt, *user_vault.pw())
     assert mounted.returncode == 0, mounted.stderr
     try:
         (user_mnt / "work.txt").write_text("the user's work in progress\n")
@@ -70,7 +58,7 @@ def test_lock_all_in_the_suite_leaves_a_vault_mounted_in_another_session_untouch
         user_audit = Path(user_env["XDG_STATE_HOME"]) / "kryptvault" / "audit.jsonl"
         assert test_vault.uuid not in user_audit.read_text()
     finally:
-        locked = _as_user(user_env, "lock", user_mnt)
+        locked = run_process_in(user_env, "lock", user_mnt)
         shutil.rmtree(user_root, ignore_errors=True)
     assert locked.returncode == 0, locked.stderr
     assert not os.path.ismount(user_mnt)

@@ -351,24 +351,16 @@ def _lock_each(
         _wait_until_locked(mountpoint, pid if isinstance(pid, int) else None)
         if not answered:
             _confirm_unanswered_lock(mountpoint, pid if isinstance(pid, int) else None)
-            lost = _unsaved_at_lock(status)
-            if lost is not None:
-                unsaved.append(lost)
-                continue
-            done(
-                f"locked vault {status['vault']} ({mountpoint}) (the daemon exited before answering)",
-                vault=status["vault"], mountpoint=str(mountpoint), answered=False,
-            )
-            continue
-        if fusectl.is_mounted(mountpoint):
+        elif fusectl.is_mounted(mountpoint):
             raise KryptvaultError(f"{mountpoint} did not unmount")
         lost = _unsaved_at_lock(status)
         if lost is not None:
             unsaved.append(lost)
             continue
+        unanswered = "" if answered else " (the daemon exited before answering)"
         done(
-            f"locked vault {status['vault']} ({mountpoint})",
-            vault=status["vault"], mountpoint=str(mountpoint), answered=True,
+            f"locked vault {status['vault']} ({mountpoint}){unanswered}",
+            vault=status["vault"], mountpoint=str(mountpoint), answered=answered,
         )
     if unsaved:
         raise KryptvaultError("; ".join(unsaved))

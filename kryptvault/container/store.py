@@ -180,32 +180,20 @@ def _ptr_units(ptr: bytes) -> int:
     return int(units) * (2 if flags else 1)
 
 
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range (Linux), called without the GIL; None where unavailable."""
+def _libc_function(name: str, argtypes: list[type]) -> Callable[[int, int, int, int], int] | None:
+    """libc's function `name` (Linux), called without the GIL; None where unavailable."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
     return fn  # type: ignore[no-any-return]
 
 
-_SYNC_FILE_RANGE = _load_sync_file_range()
-
-
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    """libc's fallocate(2) wrapper (Linux), called without the GIL; None where unavailable."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
-
-
-_FALLOCATE = _load_fallocate()
+_INT, _OFF = ctypes.c_int, ctypes.c_int64
+_SYNC_FILE_RANGE = _libc_function("sync_file_range", [_INT, _OFF, _OFF, ctypes.c_uint])  # fd, off, n, flags
+_FALLOCATE = _libc_function("fallocate", [_INT, _INT, _OFF, _OFF])  # fd, mode, offset, length
 
 
 def _allocate(fd: int, offset: int, length: int) -> None:
@@ -833,6 +821,17 @@ class ObjectStore:
             return None
         return self._fetch(s.oid, s.stream, level, index, ptr)
 
+    def _walked_node(self, s: _Stream, level: int, index: int, ptr: bytes) -> bytes | bytearray | None:
+        """As `_node`, for a walk down the tree that already has the block's pointer;
+        None also for a block that fails authentication (a walk skips what it cannot read)."""
+        node = s.dirty.get((level, index))
+        if node is not None or ptr == HOLE:
+            return node
+        try:
+            return self._fetch(s.oid, s.stream, level, index, ptr)
+        except BlockIntegrityError:
+            return None
+
     def _data_block(self, s: _Stream, index: int) -> bytes | bytearray | None:
         d = s.dirty.get((0, index))
         if d is not None:
@@ -1081,14 +1080,9 @@ class ObjectStore:
                 s.units -= _ptr_units(ptr)
         if level == 0:
             return
-        node: bytes | bytearray | None = s.dirty.get((level, index))
+        node = self._walked_node(s, level, index, ptr)
         if node is None:
-            if ptr == HOLE:
-                return
-            try:
-                node = self._fetch(s.oid, s.stream, level, index, ptr)
-            except BlockIntegrityError:
-                return  # unreachable after commit; the next open reclaims these units
+            return  # a hole, or unreadable: unreachable after commit; the next open reclaims these units
         f = self._fanout
         for c in range(min(f, -(-len(node) // PTR))):
             cptr = bytes(node[c * PTR : (c + 1) * PTR]).ljust(PTR, b"\0")
@@ -1501,14 +1495,9 @@ class ObjectStore:
             total += _ptr_units(ptr)
             if level == 0:
                 continue
-            node: bytes | bytearray | None = s.dirty.get((level, index))
+            node = self._walked_node(s, level, index, ptr)
             if node is None:
-                if ptr == HOLE:
-                    continue
-                try:
-                    node = self._fetch(s.oid, s.stream, level, index, ptr)
-                except BlockIntegrityError:
-                    continue  # unreadable: what it points to cannot be counted
+                continue  # a hole, or unreadable: what it points to cannot be counted
             for c in range(min(f, -(-len(node) // PTR))):
                 cptr = bytes(node[c * PTR : (c + 1) * PTR]).ljust(PTR, b"\0")
                 if cptr != HOLE or (level - 1, index * f + c) in s.dirty:
@@ -1591,8 +1580,10 @@ class ObjectStore:
         meta = len(self._table.dirty)
         data = 0
         for s in self._dirty_streams.values():
+            # A directory's data blocks are stored with ditto copies, like metadata.
+            copied = s.stream == 0 and s.oid in self._meta_oids
             for level, _index in s.dirty:
-                if level:
+                if level or copied:
                     meta += 1
                 else:
                     data += 1

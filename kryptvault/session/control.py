@@ -13,7 +13,6 @@ connection, 5 s to send each request, 8 connections at a time.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from kryptvault.errors import KryptvaultError, UsageError
 from kryptvault.session.audit import AuditLog
+from kryptvault.session.flockfile import take_flock
 from kryptvault.session.paths import runtime_dir
 
 log = logging.getLogger("kryptvault.control")
@@ -444,22 +444,10 @@ def _private_dir(directory: Path) -> None:
 
 def _take_lock(lock_path: Path, socket_path: Path) -> int:
     """Hold an flock for the server's lifetime: two servers for one vault cannot both start."""
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise KryptvaultError(f"a kryptvault daemon is already serving {socket_path}")
-        # The previous holder unlinks the file before releasing it: if ours is no longer
-        # the file at that path, we locked a dead inode and must try again.
-        try:
-            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd
-        os.close(fd)
+    fd = take_flock(lock_path)
+    if fd is None:
+        raise KryptvaultError(f"a kryptvault daemon is already serving {socket_path}")
+    return fd
 
 
 def _owner(directory: Path) -> int | None:

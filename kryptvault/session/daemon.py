@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import stat
 import sys
 
 from kryptvault.crypto.secret import harden_process
@@ -18,46 +17,18 @@ from kryptvault.session.mount_session import run_daemon
 
 
 class SessionLog(logging.Handler):
-    """Log records to stderr, which the launcher made the daemon's log file (0600).
-
-    A session that ends without a warning or an error leaves nothing behind: closing the
-    handler (logging.shutdown, the lock's last step) cuts the file back to where this
-    session started. Anything else in it stays for the user: a warning, an error, or
-    bytes this handler did not write (a traceback printed to stderr, libfuse)."""
+    """Log records to stderr, which the launcher made the daemon's log file (0600). One
+    os.write per record: a lock that ends in os._exit loses no buffered line."""
 
     def __init__(self) -> None:
         super().__init__()
         self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        self._start = _log_size()
-        self._expected = self._start
-        self._trouble = False
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            data = (self.format(record) + "\n").encode("utf-8", "replace")
-            if record.levelno >= logging.WARNING:
-                self._trouble = True
-            os.write(2, data)
-            if self._expected is not None:
-                self._expected += len(data)
+            os.write(2, (self.format(record) + "\n").encode("utf-8", "replace"))
         except Exception:
             self.handleError(record)
-
-    def close(self) -> None:
-        try:
-            if not self._trouble and self._start is not None and _log_size() == self._expected:
-                os.ftruncate(2, self._start)
-        except OSError:
-            pass
-        super().close()
-
-
-def _log_size() -> int | None:
-    try:
-        info = os.fstat(2)
-    except OSError:
-        return None
-    return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
 def main(argv: list[str] | None = None) -> int:

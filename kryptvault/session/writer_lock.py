@@ -13,13 +13,13 @@ holder's mount point and container, so a refusal can say where the other writer 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import uuid
 from pathlib import Path
 
 from kryptvault.errors import KryptvaultError
+from kryptvault.session.flockfile import take_flock
 from kryptvault.session.paths import runtime_dir
 
 
@@ -43,34 +43,18 @@ def take_writer_lock(vault_uuid: uuid.UUID, lineage: bytes, describe: str,
     """The held lock (keep it for the mount's lifetime), or KryptvaultError naming the
     mount that already writes this lineage."""
     path = runtime_dir() / f"{vault_uuid}.{lineage.hex()}.writer"
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except OSError as exc:
-            raise KryptvaultError(f"cannot open the writer lock {path}: {exc.strerror}")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
-            where = (f" on {holder.get('mountpoint')} (from {holder.get('container')})"
-                     if holder else "")
-            raise KryptvaultError(
-                f"vault {vault_uuid} ({describe} lineage) is already mounted writable{where}; "
-                "two writable mounts of one history are refused: mount this copy --read-only"
-            ) from None
-        except OSError as exc:
-            os.close(fd)
-            raise KryptvaultError(f"cannot lock {path}: {exc.strerror}")
-        # The previous holder unlinks the name while still holding it: a lock on an
-        # unlinked inode guards nothing, so take the file now at that name instead.
-        try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
+    try:
+        fd = take_flock(path)
+    except OSError as exc:
+        raise KryptvaultError(f"cannot take the writer lock {path}: {exc.strerror}")
+    if fd is None:
+        holder = _holder(path)
+        where = (f" on {holder.get('mountpoint')} (from {holder.get('container')})"
+                 if holder else "")
+        raise KryptvaultError(
+            f"vault {vault_uuid} ({describe} lineage) is already mounted writable{where}; "
+            "two writable mounts of one history are refused: mount this copy --read-only"
+        )
     with contextlib.suppress(OSError):
         record = json.dumps({"mountpoint": mountpoint, "container": container,
                              "pid": os.getpid()}).encode()
@@ -79,9 +63,13 @@ def take_writer_lock(vault_uuid: uuid.UUID, lineage: bytes, describe: str,
     return WriterLock(fd, path)
 
 
-def _holder(fd: int) -> dict[str, object]:
+def _holder(path: Path) -> dict[str, object]:
     try:
-        data = os.pread(fd, 4096, 0)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            data = os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
         found = json.loads(data)
     except (OSError, ValueError):
         return {}

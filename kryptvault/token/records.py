@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import hmac
 import os
-import secrets
 import struct
 import time
 import uuid
@@ -28,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kryptvault.durable import fsync_dir
+from kryptvault.durable import replace_file
 from kryptvault.errors import TokenError
 
 MAGIC = b"KVGENRC1"
@@ -127,28 +126,9 @@ def read_records(directory: Path, vault_uuid: uuid.UUID) -> RollbackRecords:
 def write_records(directory: Path, records: RollbackRecords) -> None:
     """Atomically replace the record file: temp file, fsync, rename, fsync (as the share
     file, docs/TOKEN.md: vfat needs the second fsync of the file after the rename)."""
-    final = records_path(directory, records.vault_uuid)
-    tmp = directory / f"{final.name}.tmp-{secrets.token_hex(8)}"
-    data = encode_records(records)
-    created = False
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        created = True
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-            os.replace(tmp, final)
-            created = False
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(directory)
+        replace_file(records_path(directory, records.vault_uuid), encode_records(records))
     except OSError as exc:
-        if created:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         raise TokenError(f"cannot write the rollback record in {directory}: {exc.strerror or exc}")
 
 

@@ -14,19 +14,17 @@ repr, a log line or an exception message.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import hmac
 import os
 import re
-import secrets
 import struct
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kryptvault.durable import fsync_dir
+from kryptvault.durable import fsync_dir, replace_file
 from kryptvault.errors import TokenError
 
 MAGIC = b"KVSHARE1"
@@ -149,44 +147,15 @@ def _os_error_message(exc: OSError, share_dir: Path, doing: str) -> str:
     return f"could not {doing} on the token: {exc.strerror or exc}"
 
 
-def _write_all(fd: int, data: bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def write_share_file(share_dir: Path, share: Share, *, pending: bool = False) -> None:
-    """Atomically create or replace the share file: temp file, fsync, rename, fsync dir.
-
-    Whatever fails, the final name holds either the old complete file or the new one,
-    and no temp file is left behind. `pending`: the rekey's waiting share instead.
+    """Atomically create or replace the share file (`durable.replace_file`): whatever
+    fails, the final name holds either the old complete file or the new one, and no temp
+    file is left behind. `pending`: the rekey's waiting share instead.
     """
-    final = share_path(share_dir, share.vault_uuid, pending=pending)
-    tmp = share_dir / f"{final.name}.tmp-{secrets.token_hex(8)}"
     data = encode_share(share)
-    created = False
     try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600)
-        created = True
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-            os.replace(tmp, final)
-            created = False
-            # vfat writes a renamed file's new directory entry with size 0 and fills in
-            # the size only when the file's inode is written back; fsync on the directory
-            # does not do that. Measured: without this second fsync, a stick pulled a few
-            # seconds after the write held an empty share file under the final name.
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(share_dir)
+        replace_file(share_path(share_dir, share.vault_uuid, pending=pending), data)
     except OSError as exc:
-        if created:
-            # If the device is gone or read-only, there is nothing more we can do.
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         raise TokenError(_os_error_message(exc, share_dir, "write the share file"))
     finally:
         data[:] = bytes(len(data))
