@@ -154,3 +154,57 @@ def test_sigint_during_the_password_check_of_mount_exits_130_and_mounts_nothing(
     assert not os.path.ismount(mnt)
     mounted = json.loads(run_process("status", "--json").stdout)
     assert not [s for s in mounted if s.get("mountpoint") == str(mnt)]
+
+
+def _wait_for_daemon(pid: int, timeout: float = 30.0) -> int:
+    """The mount daemon child of `pid` (other children, e.g. ldconfig run by ctypes'
+    find_library at import, are not it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:  # a task (or child) may end between listing and reading
+                children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+            except OSError:
+                continue
+            for child in children:
+                try:
+                    cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"kryptvault.session.daemon" in cmdline:
+                    return int(child)
+        time.sleep(0.0005)
+    raise AssertionError("the mount daemon was never started")
+
+
+@pytest.mark.fuse
+def test_sigint_while_the_daemon_starts_exits_130_and_leaves_no_mount_or_daemon(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.mkdir()
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD + "\n")
+    made = run_cli("init", tmp_path / "v.kv", "--token", token, "--password-file", pw,
+                   "--kdf-time-ms", "30", "--kdf-memory-mib", "8")
+    assert made.exit_code == 0, made.output
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    args = ["mount", tmp_path / "v.kv", mnt, "--token", token, "--password-file", pw]
+    proc = subprocess.Popen(
+        [KRYPTVAULT, *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        daemon = _wait_for_daemon(proc.pid)
+        proc.send_signal(signal.SIGINT)  # the password is checked: the daemon is coming up
+        _, err = proc.communicate(timeout=30)
+        time.sleep(1.0)  # a daemon left running would have mounted by now
+        assert proc.returncode == 130, err
+        assert err.strip() == "kryptvault: interrupted"
+        assert not os.path.exists(f"/proc/{daemon}") or "Z" in Path(f"/proc/{daemon}/stat").read_text()
+        assert not os.path.ismount(mnt)
+    finally:
+        if os.path.ismount(mnt):
+            run_process("lock", mnt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import stat
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from kryptvault.crypto.secret import Secret
 from kryptvault.errors import KryptvaultError
+from kryptvault.session import fusectl
 from kryptvault.session.handoff import SessionSettings, send
 from kryptvault.session.paths import state_dir
 
@@ -67,15 +69,26 @@ def start_daemon(settings: SessionSettings, data_key: Secret, meta_key: Secret) 
         os.close(handoff_r)
         os.close(ready_w)
     try:
-        send(handoff_w, settings, data_key, meta_key)
-    except BrokenPipeError:
-        pass  # it died before reading the keys: the readiness pipe's end says how
-    finally:
-        os.close(handoff_w)
-    try:
-        message = _read_ready(ready_r, child, log_path)
-    finally:
-        os.close(ready_r)
+        try:
+            send(handoff_w, settings, data_key, meta_key)
+        except BrokenPipeError:
+            pass  # it died before reading the keys: the readiness pipe's end says how
+        finally:
+            os.close(handoff_w)
+        try:
+            message = _read_ready(ready_r, child, log_path)
+        finally:
+            os.close(ready_r)
+    except KeyboardInterrupt:
+        # Ctrl-C reaches only us (the daemon has a session of its own): a vault the user
+        # gave up on must not come up behind their back. SIGTERM is a lock request once the
+        # daemon serves, and ends it before that.
+        child.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=10)
+        with contextlib.suppress(OSError):  # killed before its handlers: a dead mount
+            fusectl.clean_stale_mount(Path(settings.mountpoint))
+        raise
     if message != "ok":
         child.wait(timeout=10)
         reason = message.removeprefix("error: ")
