@@ -103,6 +103,13 @@ class MemoryStore:
             buf.extend(bytes(size - len(buf)))
         self._dirty += 1
 
+    def punch(self, oid: int, stream: int, offset: int, length: int) -> None:
+        buf = self.objects[oid][1 + stream]
+        end = min(offset + length, len(buf))
+        if offset < end:
+            buf[offset:end] = bytes(end - offset)
+            self._dirty += 1
+
     def stream_size(self, oid: int, stream: int) -> int:
         return len(self.objects[oid][1 + stream])
 

@@ -19,51 +19,32 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import VaultFixture, assert_clean_error, make_vault, run_process
+from loopdisk import MIB, ext4_loop_disk, run_quiet
 from store_support import Vault
 
 from kryptvault.session.launcher import daemon_log_path
 
 pytestmark = pytest.mark.fuse
 
-MIB = 1 << 20
 DISK_MIB = 64
 
 
-def _run(*cmd: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, check=False)
+_run = run_quiet
 
 
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Path]:
-    """A fresh 64 MiB ext4 (no root reserve) on a loop device, mounted on tmp_path/disk;
-    on the way out the vault mounted on tmp_path/mnt is locked and everything undone,
-    whatever the test did."""
-    if os.geteuid() != 0 or shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None:
-        pytest.skip("needs root, losetup and mkfs.ext4")
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("needs /dev/fuse")
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(DISK_MIB * MIB)
-    made = _run("losetup", "--find", "--show", image)
-    if made.returncode != 0:
-        pytest.skip(f"no loop device: {made.stderr.strip()}")
-    device = made.stdout.strip()
-    top = tmp_path / "disk"
-    top.mkdir()
+    """A fresh 64 MiB ext4 on a loop device, mounted on tmp_path/disk; on the way out the
+    vault mounted on tmp_path/mnt is locked and everything undone, whatever the test did."""
     mnt = tmp_path / "mnt"
-    try:
-        assert _run("mkfs.ext4", "-q", "-F", "-m", "0", device).returncode == 0
-        assert _run("mount", device, top).returncode == 0
-        yield top
-    finally:
-        with contextlib.suppress(Exception):
-            if os.path.ismount(mnt):
-                run_process("lock", mnt)
-        _run("umount", "-l", mnt)  # a dead FUSE mount is no "mount" to ismount
-        if os.path.ismount(top) and _run("umount", top).returncode != 0:
-            _run("umount", "-l", top)
-        _run("losetup", "-d", device)
+    with ext4_loop_disk(tmp_path, DISK_MIB) as top:
+        try:
+            yield top
+        finally:
+            with contextlib.suppress(Exception):
+                if os.path.ismount(mnt):
+                    run_process("lock", mnt)
+            _run("umount", "-l", mnt)  # a dead FUSE mount is no "mount" to ismount
 
 
 def _vault_on(disk: Path) -> VaultFixture:

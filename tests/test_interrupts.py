@@ -123,14 +123,13 @@ def test_ctrl_c_during_init_after_the_second_prompt_exits_130_and_writes_nothing
     assert list(token.iterdir()) == []  # no share file
 
 
-@MULTI_CORE
-@pytest.mark.fuse
-def test_sigint_during_the_password_check_of_mount_exits_130_and_mounts_nothing(tmp_path: Path) -> None:
+def _start_mount(tmp_path: Path, kdf: list[str]) -> tuple[subprocess.Popen[str], Path]:
+    """A new vault (Argon2id as `kdf` says) and the real `kryptvault mount` of it, running."""
     token = tmp_path / "token"
     token.mkdir()
     pw = tmp_path / "pw"
     pw.write_text(PASSWORD + "\n")
-    made = run_cli("init", tmp_path / "v.kv", "--token", token, "--password-file", pw, *SLOW_KDF)
+    made = run_cli("init", tmp_path / "v.kv", "--token", token, "--password-file", pw, *kdf)
     assert made.exit_code == 0, made.output
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -142,6 +141,13 @@ def test_sigint_during_the_password_check_of_mount_exits_130_and_mounts_nothing(
         stderr=subprocess.PIPE,
         text=True,
     )
+    return proc, mnt
+
+
+@MULTI_CORE
+@pytest.mark.fuse
+def test_sigint_during_the_password_check_of_mount_exits_130_and_mounts_nothing(tmp_path: Path) -> None:
+    proc, mnt = _start_mount(tmp_path, SLOW_KDF)
     try:
         _wait_until_hashing(proc.pid)
         proc.send_signal(signal.SIGINT)
@@ -179,23 +185,7 @@ def _wait_for_daemon(pid: int, timeout: float = 30.0) -> int:
 
 @pytest.mark.fuse
 def test_sigint_while_the_daemon_starts_exits_130_and_leaves_no_mount_or_daemon(tmp_path: Path) -> None:
-    token = tmp_path / "token"
-    token.mkdir()
-    pw = tmp_path / "pw"
-    pw.write_text(PASSWORD + "\n")
-    made = run_cli("init", tmp_path / "v.kv", "--token", token, "--password-file", pw,
-                   "--kdf-time-ms", "30", "--kdf-memory-mib", "8")
-    assert made.exit_code == 0, made.output
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    args = ["mount", tmp_path / "v.kv", mnt, "--token", token, "--password-file", pw]
-    proc = subprocess.Popen(
-        [KRYPTVAULT, *map(str, args)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, mnt = _start_mount(tmp_path, ["--kdf-time-ms", "30", "--kdf-memory-mib", "8"])
     try:
         daemon = _wait_for_daemon(proc.pid)
         proc.send_signal(signal.SIGINT)  # the password is checked: the daemon is coming up

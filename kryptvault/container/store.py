@@ -1018,6 +1018,65 @@ class ObjectStore:
         self._drop_blocks(s, keep)
         s.size = size
 
+    def _punch(self, s: _Stream, offset: int, length: int) -> None:
+        """Zero [offset, offset+length) within the stream's size: whole data blocks become
+        holes (units freed), blocks only partly covered are zeroed in place. Indirect blocks
+        left empty are stored as holes by the next flush (an all-zero block stores nothing)."""
+        end = min(offset + length, s.size)
+        if offset >= end:
+            return
+        bs = self._bs
+        # A last block that the range covers up to the end of the stream is whole: what lies
+        # past the size reads as zero anyway.
+        first, last = offset // bs, (end - 1) // bs
+        cap = self._cap
+        idx = first
+        while idx <= last:
+            # Skip what lies under the highest indirect block that is a hole (a dirty block's
+            # ancestors are dirty too), so a punch over a huge sparse file stays quick.
+            skip = 0
+            for level in range(s.depth, 0, -1):
+                n = idx // cap[level]
+                if (level, n) not in s.dirty and self._ptr_of(s, level, n) == HOLE:
+                    skip = (n + 1) * cap[level]
+                    break
+            if skip:
+                idx = skip
+                continue
+            lo, hi = idx * bs, min((idx + 1) * bs, s.size)
+            a, b = max(lo, offset), min(hi, end)
+            if a == lo and b == hi:
+                self._punch_block(s, idx)
+            elif (0, idx) in s.dirty or self._ptr_of(s, 0, idx) != HOLE:
+                buf = self._block_for_write(s, 0, idx)
+                buf[a - lo : b - lo] = self._zero_view[: b - a]
+            idx += 1
+        self._txn_dirty = True
+        if s is not self._table:
+            self._dirty_streams[(s.oid, s.stream)] = s
+
+    def _punch_block(self, s: _Stream, idx: int) -> None:
+        """Make data block `idx` a hole: drop its dirty copy, free its flushed units."""
+        buf = s.dirty.pop((0, idx), None)
+        if buf is not None:
+            self._dirty_bytes -= self._bs
+            if len(self._pool) < self._pool_max:
+                self._pool.append(buf)
+        old = self._ptr_of(s, 0, idx)
+        if old == HOLE:
+            return
+        if s.depth == 0:
+            s.root = HOLE
+            s.meta_dirty = True
+        else:
+            parent = self._block_for_write(s, 1, idx // self._fanout)
+            off = (idx % self._fanout) * PTR
+            parent[off : off + PTR] = HOLE
+        if s.units >= 0:
+            s.units -= _ptr_units(old)
+        self._cache_pop(old)
+        self._free_ptr(old)
+
     def _drop_blocks(self, s: _Stream, first: int) -> None:
         """Free every data block >= first (and indirect blocks left empty); shrink depth."""
         bs = self._bs
@@ -1462,6 +1521,15 @@ class ObjectStore:
         with self._lock:
             self._check_writable()
             self._truncate(self._stream(oid, stream), size)
+
+    def punch(self, oid: int, stream: int, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros without changing the size: whole
+        blocks in it become holes (their units freed), partly covered ones are zeroed."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        with self._lock:
+            self._check_writable()
+            self._punch(self._stream(oid, stream), offset, length)
 
     def stream_size(self, oid: int, stream: int) -> int:
         with self._lock:

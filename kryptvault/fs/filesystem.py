@@ -46,6 +46,8 @@ SYMLINK_MAX = 4095
 LINK_MAX = 65000
 MAX_FILE_SIZE = (1 << 63) - 1
 BLKSIZE = 65536
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
 # Clean inodes/directories kept in memory beyond those in use.
 CACHE_LIMIT = 20000
 
@@ -75,6 +77,7 @@ class StoreLike(Protocol):
         self, oid: int, stream: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None: ...
     def truncate(self, oid: int, stream: int, size: int) -> None: ...
+    def punch(self, oid: int, stream: int, offset: int, length: int) -> None: ...
     def stream_size(self, oid: int, stream: int) -> int: ...
     def stored_bytes(self, oid: int, stream: int) -> int: ...
     def mark_metadata(self, oid: int) -> None: ...
@@ -1066,6 +1069,51 @@ class Filesystem:
     def truncate(self, ino: int, size: int) -> None:
         with self._lock:
             self._truncate(self._get(ino), size)
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on an open file. Mode 0 extends the size to offset+length,
+        FALLOC_FL_KEEP_SIZE does not; both only check that committing everything accepted
+        plus the whole range would fit now (ENOSPC otherwise): nothing is reserved, so a
+        later write may still fail with ENOSPC if other changes use the space first.
+        PUNCH_HOLE|KEEP_SIZE makes the range read as zeros (whole blocks freed, may use
+        the reserve). Every other mode: EOPNOTSUPP."""
+        with self._lock:
+            h = self._handle(fh)
+            node = self._get(h.ino)
+            if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE) or mode == FALLOC_FL_PUNCH_HOLE:
+                raise FsError(errno.EOPNOTSUPP)
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            if not node.is_reg:
+                raise FsError(errno.ENODEV)
+            if offset < 0 or length <= 0:
+                raise FsError(errno.EINVAL)
+            if offset + length > MAX_FILE_SIZE:
+                raise FsError(errno.EFBIG)
+            store = self.store
+            if getattr(store, "read_only", False):
+                # A damaged store opened read-only: even a KEEP_SIZE call, which writes
+                # nothing here, must not promise space.
+                raise FsError(errno.EROFS)
+            size = store.stream_size(node.oid, DATA)
+            try:
+                if mode & FALLOC_FL_PUNCH_HOLE:
+                    if offset >= size:
+                        return
+                    # At most the two edge blocks are rewritten; the rest is freed.
+                    self._allow(min(length, BLKSIZE), freeing=True)
+                    store.punch(node.oid, DATA, offset, length)
+                else:
+                    # Copy-on-write: even a block already stored takes fresh units when
+                    # rewritten, so the whole range is counted.
+                    self._allow(length)
+                    if not mode & FALLOC_FL_KEEP_SIZE and offset + length > size:
+                        store.truncate(node.oid, DATA, offset + length)
+            except IntegrityError as e:
+                log.error("object %d: data fails to authenticate: %s", node.oid, e)
+                raise FsError(errno.EIO, str(e)) from e
+            node.mtime_ns = node.ctime_ns = self._now()
+            self._touch(node)
 
     def fsync(self, ino: int | None = None) -> None:
         """Make everything durable (the store commits the whole vault atomically)."""

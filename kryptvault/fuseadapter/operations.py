@@ -495,6 +495,16 @@ class KryptvaultOperations(Operations):  # type: ignore[misc]
             self._invalidate_aliases(self.fs.handle_ino(fi.fh), path)
         return n
 
+    def fallocate(self, path: str | None, mode: int, offset: int, length: int, fi: Any) -> int:
+        try:
+            self.fs.fallocate(fi.fh, mode, offset, length)
+        except FsError as e:
+            self._eio_log(path, self.fs.handle_ino(fi.fh), e)
+            raise
+        if self._aliases:
+            self._invalidate_aliases(self.fs.handle_ino(fi.fh), path)
+        return 0
+
     def release(self, path: str | None, fi: Any) -> int:
         with self._alias_lock:
             self._open_paths.pop(fi.fh, None)
