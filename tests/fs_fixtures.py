@@ -135,6 +135,19 @@ class MemoryStore:
         used = sum((len(o[1]) + len(o[2]) + 4095) // 4096 for o in self.objects.values())
         return MemStats(4096, self.total_units, self.total_units - used, used, len(self.objects))
 
+    # No durability and no size limit here: never read-only, never short of room.
+    read_only = False
+    save_problem: str | None = None
+
+    def check_room(self, data_bytes: int = 0, *, pending_entries: int = 0, freeing: bool = False) -> bool:
+        return True
+
+    def room(self, *, freeing: bool = False) -> int:
+        return self.total_units * 4096
+
+    def commit_need(self, pending_entries: int = 0) -> int:
+        return 0
+
 
 # ---------------------------------------------------------------------- real store
 def _keys() -> tuple[Any, Any]:

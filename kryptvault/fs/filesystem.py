@@ -85,6 +85,15 @@ class StoreLike(Protocol):
     def commit(self) -> int: ...
     def dirty_bytes(self) -> int: ...
     def statfs(self) -> Any: ...
+    @property
+    def read_only(self) -> bool: ...
+    @property
+    def save_problem(self) -> str | None: ...
+    def check_room(
+        self, data_bytes: int = 0, *, pending_entries: int = 0, freeing: bool = False
+    ) -> bool: ...
+    def room(self, *, freeing: bool = False) -> int: ...
+    def commit_need(self, pending_entries: int = 0) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,7 +378,7 @@ class Filesystem:
 
     def _free_orphans(self) -> None:
         """Free objects a crash left without a name (nlink 0) or half-created."""
-        if getattr(self.store, "read_only", False):
+        if self.store.read_only:
             return  # a damaged (read-only) store: fsck's business
         freed = 0
         for oid in list(self.store.iter_oids()):
@@ -453,7 +462,7 @@ class Filesystem:
     def _save_failed(self, e: Exception) -> FsError:
         """A commit failed: from now on the vault refuses changes (EROFS, see _allow)
         until one succeeds; what it has accepted stays readable. Logged once."""
-        problem = getattr(self.store, "save_problem", None) or f"{type(e).__name__}: {e}"
+        problem = self.store.save_problem or f"{type(e).__name__}: {e}"
         self._note_save_failure(problem)
         no_space = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
         return FsError(errno.ENOSPC if no_space else errno.EIO, problem)
@@ -472,13 +481,11 @@ class Filesystem:
         commit succeeds again); ENOSPC if committing everything accepted plus this change
         might not fit. Before ENOSPC one commit is tried: it makes the space freed since
         the last commit reusable and replaces estimates by what was really written."""
-        problem = self.save_failure or getattr(self.store, "save_problem", None)
+        problem = self.save_failure or self.store.save_problem
         if problem is not None:
             self._note_save_failure(problem)  # e.g. a flush at the dirty limit failed
             raise FsError(errno.EROFS, f"the vault cannot save changes ({problem})")
-        check = getattr(self.store, "check_room", None)
-        if check is None:
-            return
+        check = self.store.check_room
         if check(data_bytes, pending_entries=len(self._dirty), freeing=freeing):
             return
         if self.has_unsaved_changes():
@@ -1037,7 +1044,7 @@ class Filesystem:
                 log.error("object %d: data fails to authenticate: %s", h.ino, e)
                 raise FsError(errno.EIO, str(e)) from e
             except OSError as e:
-                problem = getattr(store, "save_problem", None)
+                problem = store.save_problem
                 if problem is not None:  # a flush at the dirty limit found no space
                     self._note_save_failure(problem)
                 raise FsError(e.errno or errno.EIO, str(e)) from e
@@ -1091,7 +1098,7 @@ class Filesystem:
             if offset + length > MAX_FILE_SIZE:
                 raise FsError(errno.EFBIG)
             store = self.store
-            if getattr(store, "read_only", False):
+            if store.read_only:
                 # A damaged store opened read-only: even a KEEP_SIZE call, which writes
                 # nothing here, must not promise space.
                 raise FsError(errno.EROFS)
@@ -1347,14 +1354,11 @@ class Filesystem:
             total += growf
             free += growf
             avail += grow
-            room = getattr(self.store, "room", None)
-            commit_need = getattr(self.store, "commit_need", None)
-            if room is not None and commit_need is not None:
-                # What writes can still get: less the reserve and what a commit of the
-                # changes accepted so far needs (see _allow), so df agrees with ENOSPC.
-                with self._lock:
-                    need = commit_need(len(self._dirty))
-                avail = min(avail, max(0, (room() - need) // unit))
+            # What writes can still get: less the reserve and what a commit of the
+            # changes accepted so far needs (see _allow), so df agrees with ENOSPC.
+            with self._lock:
+                need = self.store.commit_need(len(self._dirty))
+            avail = min(avail, max(0, (self.store.room() - need) // unit))
         return StatFs(
             bsize=int(s.block_size),
             frsize=unit,

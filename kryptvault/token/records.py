@@ -63,11 +63,6 @@ class RollbackRecords:
             del self.entries[oldest]
         return True
 
-    def merge(self, other: RollbackRecords) -> None:
-        for lineage, (gen, stamp) in other.entries.items():
-            if gen > self.get(lineage):
-                self.entries[lineage] = (gen, stamp)
-
 
 def records_path(directory: Path, vault_uuid: uuid.UUID) -> Path:
     return directory / f"{vault_uuid}{SUFFIX}"
