@@ -3,16 +3,11 @@
     .venv/bin/python bench/nullfs.py MOUNTPOINT     (serves until unmounted)
 
 One regular file, `/data.bin` (64 MiB), whose writes are discarded and whose reads
-return zeros; no crypto, no store, no filesystem layer. It is served through
-`kryptvault.fuseadapter` (KvFUSE, the same mount options, one thread, the same cheap
-`getxattr` path), so its random 4 KiB figures are what the FUSE round trip alone costs a
-Python daemon here: no vault served by mfusepy can be faster. bench/run.py measures it
-in the same run as the vault and gocryptfs (`--targets ...,ceiling`).
-
-Each write(2) costs two round trips through it: the kernel asks `getxattr
-security.capability` before every write to decide whether to drop privileges (libfuse
-3.14 cannot negotiate FUSE_HANDLE_KILLPRIV_V2, the only thing that lets the kernel
-skip that question), then sends the write.
+return zeros; no crypto, no store, no filesystem layer. It is served by kryptvault's own
+FUSE server (`kryptvault.fuseadapter.FuseServer`: the same negotiation, writeback cache,
+timeouts and request loop as the vault), so its figures are what the FUSE round trips
+alone cost a Python daemon here: no vault served by that layer can be faster. bench/run.py
+measures it in the same run as the vault and gocryptfs (`--targets ...,ceiling`).
 """
 
 from __future__ import annotations
@@ -23,16 +18,17 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kryptvault.fs import Filesystem, FsError
 from kryptvault.fs.filesystem import Stat
-from kryptvault.fuseadapter._mfusepy import FuseOSError, KvFUSE, Operations
+from kryptvault.fuseadapter.server import FuseServer, mount_options
 
 SIZE = 64 << 20
 ROOT_INO, FILE_INO = 1, 2
-NAME = "/data.bin"
+NAME = b"data.bin"
 
 
 def _stat(ino: int, mode: int, size: int) -> Stat:
@@ -40,63 +36,65 @@ def _stat(ino: int, mode: int, size: int) -> Stat:
     return Stat(ino, mode, 1, os.getuid(), os.getgid(), 0, size, size // 512, 4096, now, now, now, now)
 
 
-class NullOperations(Operations):  # type: ignore[misc]
-    """Just enough for open/pread/pwrite on one file."""
+class NullFilesystem:
+    """Just enough of kryptvault.fs.Filesystem for open/pread/pwrite on one file."""
+
+    sealed = False
 
     def __init__(self) -> None:
         self._root = _stat(ROOT_INO, stat.S_IFDIR | 0o755, 0)
         self._file = _stat(FILE_INO, stat.S_IFREG | 0o644, SIZE)
         self._zeros = bytes(1 << 20)
 
-    def init_with_config(self, conn: Any, config: Any) -> None:
-        if config is not None:  # the vault's own settings (kryptvault/fuseadapter/operations.py)
-            config.use_ino = 1
-            config.attr_timeout = config.entry_timeout = config.negative_timeout = 1.0
+    def lookup(self, parent: int, name: bytes) -> int:
+        if parent == ROOT_INO and name == NAME:
+            return FILE_INO
+        raise FsError(errno.ENOENT)
 
-    def stat(self, path: str | None, fh: Any) -> tuple[Stat, bool]:
-        if path == "/":
-            return self._root, False
-        if path == NAME:
-            return self._file, False
-        raise FuseOSError(errno.ENOENT)
+    def getattr(self, ino: int) -> Stat:
+        return self._root if ino == ROOT_INO else self._file
 
-    def getattr(self, path: str, fh: Any = None) -> dict[str, int]:  # registered; KvFUSE calls stat
-        raise FuseOSError(errno.ENOSYS)
-
-    def getxattr_raw(self, path: str | None, name: bytes) -> bytes | None:
-        return None
-
-    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:  # registered only
-        raise FuseOSError(errno.ENODATA)
-
-    def open(self, path: str, fi: Any) -> int:
-        if path != NAME:
-            raise FuseOSError(errno.ENOENT)
-        fi.fh = FILE_INO
-        fi.keep_cache = 1
+    def generation(self, ino: int) -> int:
         return 0
 
-    def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
+    def xattr_namespace_used(self, name: bytes) -> bool:
+        return False
+
+    def open(self, ino: int, flags: int, *, append_in_fs: bool = True) -> int:
+        if ino != FILE_INO:
+            raise FsError(errno.EISDIR)
+        return FILE_INO
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
         return self._zeros[: max(0, min(size, SIZE - offset))]
 
-    def write(self, path: str | None, data: Any, offset: int, fi: Any) -> int:
+    def write(self, fh: int, offset: int, data: Any) -> int:
         return len(data)
 
-    def flush(self, path: str | None, fi: Any) -> int:
-        return 0
+    def kill_suidgid(self, ino: int, in_group: Any) -> bool:
+        return False
 
-    def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
-        return 0
+    def utimens(self, ino: int, atime_ns: int, mtime_ns: int) -> Stat:
+        return self.getattr(ino)  # the kernel's write-back of file times
 
-    def release(self, path: str | None, fi: Any) -> int:
-        return 0
+    def spare_room(self) -> int:
+        return 1 << 50  # never low on room: writes stay in the writeback cache
+
+    def release(self, fh: int) -> None:
+        pass
+
+    def fsync(self, ino: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def main() -> int:
     mountpoint = sys.argv[1]
-    options = {"fsname": "kryptvault:ceiling", "subtype": "kryptvault", "default_permissions": True}
-    options.update(use_ino=True, nothreads=True)
-    KvFUSE(NullOperations(), mountpoint, raw_fi=True, foreground=True, **options)
+    fs = cast(Filesystem, NullFilesystem())
+    options = mount_options("ceiling", allow_other=False, extra=None)
+    FuseServer(fs, mountpoint, options=options, commit_delay=None).run()
     return 0
 
 

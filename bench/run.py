@@ -1,18 +1,40 @@
 #!/usr/bin/env python3
-"""Benchmark a mounted vault against a plain directory and gocryptfs on the same disk.
+"""Benchmark a mounted vault against gocryptfs, a plain directory and a no-op FUSE filesystem.
 
-    .venv/bin/python bench/run.py [--targets vault,plain,gocryptfs,ceiling] [--repeat 1]
-                                  [--writeback] [--no-keep-cache] [--quick]
+    .venv/bin/python bench/run.py [--targets vault,gocryptfs,plain,nullfs] [--repeat 3]
+                                  [--quick] [--markdown] [--dir /var/tmp] [--vault-opt K=V]
 
-Needs root for `echo 3 > /proc/sys/vm/drop_caches` (cold reads; skipped otherwise).
-The vault is created with the fixed test keys (tests/fs_fixtures.py) in a temp dir and
-served by a child process exactly as the tests do. Prints one table: each figure per
-target, the vault/gocryptfs ratio with the target ratio, and the daemon's peak RSS.
+Every target runs the same workload in one run on the same disk (rounds rotate which
+target goes first); each figure is the median of `--repeat` rounds. Each row shows
+vault/gocryptfs beside the issue-13 target with pass/MISS, and nullfs/gocryptfs: the
+no-op ceiling (bench/nullfs.py, served by the vault's own FUSE layer, so no vault on that
+layer can beat it). `--markdown` prints the same table for the README.
+
+Targets: `vault` is a fresh container with the fixed test keys, served by a child process
+exactly as the tests do (tests/fs_fixtures.Mount -> kryptvault.fuseadapter.serve; the
+harness does not depend on which FUSE layer that is, and passes the vault only the
+options given here); `gocryptfs` a fresh `-init`, run with `-fg`; `plain` a directory on
+the disk of --dir; `nullfs` (alias `ceiling`) only the rows its one 64 MiB file serves.
+
+Cold rows: `sync`, unmount (the daemon exits with its caches: the vault's block cache,
+gocryptfs's, nullfs's), `echo 3 > /proc/sys/vm/drop_caches` (the page cache of the mount
+and of the files under it, dentries, inodes), then mount again with a new daemon; for
+`plain`, `sync` + drop_caches. drop_caches needs root: without it cold rows only remount
+and the output says so.
+
+Workload per target: a 64 MiB file written in 1 MiB writes, then cold random 4 KiB
+preads of it and random 4 KiB pwrites + one fsync; a sequential file (1 MiB writes +
+fsync), read cold then warm; small files (2 KiB, 20 directories) created, stat-ed cold,
+`ls -lR` cold, read cold, deleted; `tar -x` of a generated tree of small files (0.5-8 KiB,
+25 per directory), then `rm -rf`; the daemon's peak RSS (VmHWM of each daemon process of
+the round, read just before it unmounts; the largest).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import random
 import shutil
@@ -22,7 +44,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -31,19 +55,32 @@ sys.path.insert(0, str(ROOT))
 import fs_fixtures  # noqa: E402
 
 MiB = 1 << 20
-TARGETS = {  # metric -> (unit, minimum vault/gocryptfs ratio)
-    "seq write MB/s": ("MB/s", 1.5),
-    "cold read MB/s": ("MB/s", 1.0),
-    "warm re-read MB/s": ("MB/s", 1.0),
-    "rand 4K read ops/s": ("ops/s", 0.33),
-    "rand 4K write ops/s": ("ops/s", 2.0),
-    "small create files/s": ("files/s", None),
-    "small read files/s": ("files/s", None),
-    "ls -lR files/s": ("files/s", 1.0),
-    "small delete files/s": ("files/s", None),
-    "tar -x entries/s": ("entries/s", 1.0),
-    "rm -rf entries/s": ("entries/s", None),
-}
+RAND_FILE = 64 * MiB
+RSS_ROW = "daemon peak RSS MiB"
+RSS_LIMIT_MIB = 150.0
+
+
+@dataclass(frozen=True)
+class Row:
+    metric: str
+    goal: float | None  # minimum vault/gocryptfs ratio (issue 13); None: shown only
+
+
+ROWS = [
+    Row("rand 4K write ops/s", 3.0),
+    Row("cold rand 4K read ops/s", 1.0),
+    Row("tar -x entries/s", 1.3),
+    Row("small create files/s", 1.3),
+    Row("cold ls -lR files/s", 1.3),
+    Row("cold stat files/s", 1.2),
+    Row("seq write MB/s", 2.0),
+    Row("cold seq read MB/s", 1.2),
+    Row("warm re-read MB/s", None),
+    Row("cold small read files/s", None),
+    Row("small delete files/s", None),
+    Row("rm -rf entries/s", None),
+    Row("round trips/s", None),
+]
 
 
 def drop_caches() -> bool:
@@ -62,292 +99,541 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-class Bench:
-    def __init__(self, mp: Path, seq_mib: int, rand_ops: int, small: int, tarball: Path,
-                 tar_entries: int) -> None:
-        self.mp = mp
+def peak_rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def wait_mounted(mp: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not os.path.ismount(mp):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not mount on {mp}")
+        time.sleep(0.02)
+
+
+def unmount(mp: Path, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while os.path.ismount(mp):
+        r = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, check=False)
+        if r.returncode == 0:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cannot unmount {mp}: {r.stderr.decode(errors='replace').strip()}")
+        time.sleep(0.1)
+    proc.wait(timeout=30)
+
+
+class Target:
+    """One filesystem under test: `setup` makes a fresh one for a round, `start`/`stop`
+    mount and unmount it, `cold` empties every cache between it and the disk."""
+
+    name = ""
+    fixed_file = False  # nullfs: one 64 MiB file, nothing can be created
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.mp = work / f"{self.name}.mnt"
+        self.rss = 0  # the round's largest daemon VmHWM, bytes
+
+    def setup(self) -> None:
+        self.rss = 0
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def _unmount(self) -> None:
+        raise NotImplementedError
+
+    def daemon_pid(self) -> int | None:
+        return None
+
+    def stop(self) -> None:
+        pid = self.daemon_pid()
+        if pid is not None:
+            self.rss = max(self.rss, peak_rss(pid))
+        self._unmount()
+
+    def teardown(self) -> None:
+        pass
+
+    def cold(self) -> None:
+        os.sync()
+        self.stop()
+        drop_caches()
+        self.start()
+
+
+class PlainTarget(Target):
+    name = "plain"
+
+    def setup(self) -> None:
+        super().setup()
+        self.mp.mkdir()
+
+    def start(self) -> None:
+        pass
+
+    def _unmount(self) -> None:
+        pass
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.mp)
+
+
+class VaultTarget(Target):
+    name = "vault"
+
+    def __init__(self, work: Path, opts: dict[str, Any]) -> None:
+        super().__init__(work)
+        self.opts = opts
+        self.container = work / "vault.kv"
+        self.mount: fs_fixtures.Mount | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        fs_fixtures.mkfs_container(self.container)
+        self.mount = fs_fixtures.Mount(self.container, self.mp, self.work / "vault.log")
+        self.mount.opts = json.loads(json.dumps(self.opts))  # a copy: Mount.start adds to it
+
+    def start(self) -> None:
+        assert self.mount is not None
+        self.mount.start()
+
+    def daemon_pid(self) -> int | None:
+        return self.mount.pid if self.mount is not None and self.mount.proc is not None else None
+
+    def _unmount(self) -> None:
+        assert self.mount is not None
+        rc = self.mount.stop()
+        if rc != 0:
+            raise RuntimeError(f"vault daemon exited {rc}:\n{self.mount.log()}")
+
+    def teardown(self) -> None:
+        self.container.unlink(missing_ok=True)
+
+
+class GocryptfsTarget(Target):
+    name = "gocryptfs"
+
+    def __init__(self, work: Path) -> None:
+        super().__init__(work)
+        self.cipher = work / "gc.cipher"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        self.cipher.mkdir()
+        subprocess.run(
+            ["gocryptfs", "-init", "-extpass", "echo pw", "-scryptn", "10", "-q", str(self.cipher)],
+            check=True,
+        )
+
+    def start(self) -> None:
+        self.mp.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["gocryptfs", "-fg", "-q", "-extpass", "echo pw", str(self.cipher), str(self.mp)],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_mounted(self.mp, self.proc, "gocryptfs")
+
+    def daemon_pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def _unmount(self) -> None:
+        assert self.proc is not None
+        unmount(self.mp, self.proc)
+        self.proc = None
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.cipher)
+
+
+class NullfsTarget(Target):
+    """bench/nullfs.py: the FUSE round trips alone, on the vault's own FUSE layer."""
+
+    name = "nullfs"
+    fixed_file = True
+
+    def __init__(self, work: Path) -> None:
+        super().__init__(work)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.mp.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "nullfs.py"), str(self.mp)])
+        wait_mounted(self.mp, self.proc, "the no-op filesystem")
+
+    def daemon_pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def _unmount(self) -> None:
+        assert self.proc is not None
+        unmount(self.mp, self.proc)
+        self.proc = None
+
+
+class Workload:
+    def __init__(self, seq_mib: int, rand_ops: int, small: int, tarball: Path, tar_entries: int) -> None:
         self.seq_mib = seq_mib
         self.rand_ops = rand_ops
         self.small = small
         self.tarball = tarball
         self.tar_entries = tar_entries
 
-    def random_io(self, path: Path) -> dict[str, float]:
-        """4 KiB preads, then 4 KiB pwrites + one fsync, at the same random aligned offsets
-        of the 64 MiB file `path` (cold cache for the reads where caches can be dropped)."""
+    def run(self, t: Target) -> dict[str, float]:
         r: dict[str, float] = {}
-        rng = random.Random(1)
-        offsets = [rng.randrange(0, 64 * MiB // 4096) * 4096 for _ in range(self.rand_ops)]
-        drop_caches()
-        fd = os.open(path, os.O_RDONLY)
-        t = time.perf_counter()
-        for off in offsets:
-            os.pread(fd, 4096, off)
-        r["rand 4K read ops/s"] = self.rand_ops / (time.perf_counter() - t)
-        os.close(fd)
-        page = os.urandom(4096)
-        fd = os.open(path, os.O_WRONLY)
-        t = time.perf_counter()
-        for off in offsets:
-            os.pwrite(fd, page, off)
-        os.fsync(fd)
-        r["rand 4K write ops/s"] = self.rand_ops / (time.perf_counter() - t)
-        os.close(fd)
+        self.round_trips(t, r)
+        self.random_io(t, r)
+        self.sequential(t, r)
+        if not t.fixed_file:
+            self.small_files(t, r)
+            self.tar(t, r)
         return r
 
-    def run(self) -> dict[str, float]:
-        r: dict[str, float] = {}
-        mp = self.mp
+    def round_trips(self, t: Target, r: dict[str, float]) -> None:
+        """Look-ups of names that do not exist (each a new name, so the kernel asks the
+        daemon every time): one request each and almost no filesystem work, i.e. what a
+        bare FUSE round trip through each daemon costs. The metadata rows need about as
+        many requests per file in every daemon, so this bounds their ratios."""
+        n = self.rand_ops // 2
+        tag = os.urandom(4).hex()
+
+        def look() -> None:
+            for i in range(n):
+                with contextlib.suppress(FileNotFoundError):
+                    os.lstat(t.mp / f"absent-{tag}-{i}")
+
+        r["round trips/s"] = n / timed(look)
+
+    def random_io(self, t: Target, r: dict[str, float]) -> None:
+        """Cold random 4 KiB preads of a 64 MiB file, then random 4 KiB pwrites + fsync."""
+        rng = random.Random(1)
+        pages = RAND_FILE // 4096
+        reads = [rng.randrange(pages) * 4096 for _ in range(self.rand_ops)]
+        writes = [rng.randrange(pages) * 4096 for _ in range(self.rand_ops)]
+        name = "data.bin" if t.fixed_file else "rand.bin"
+        if not t.fixed_file:
+            write_file(t.mp / name, RAND_FILE // MiB, os.urandom(MiB), create=True)
+        t.cold()
+        fd = os.open(t.mp / name, os.O_RDONLY)
+        start = time.perf_counter()
+        for off in reads:
+            os.pread(fd, 4096, off)
+        r["cold rand 4K read ops/s"] = self.rand_ops / (time.perf_counter() - start)
+        os.close(fd)
+        page = os.urandom(4096)
+        fd = os.open(t.mp / name, os.O_WRONLY)
+        start = time.perf_counter()
+        for off in writes:
+            os.pwrite(fd, page, off)
+        os.fsync(fd)
+        r["rand 4K write ops/s"] = self.rand_ops / (time.perf_counter() - start)
+        os.close(fd)
+        if not t.fixed_file:
+            os.unlink(t.mp / name)
+
+    def sequential(self, t: Target, r: dict[str, float]) -> None:
+        mib = min(self.seq_mib, RAND_FILE // MiB) if t.fixed_file else self.seq_mib
+        path = t.mp / ("data.bin" if t.fixed_file else "seq.bin")
         block = os.urandom(MiB)
-        big = mp / "seq.bin"
+        mb = mib * MiB / 1e6
+        r["seq write MB/s"] = mb / timed(lambda: write_file(path, mib, block, create=not t.fixed_file))
+        t.cold()
 
-        def seq_write() -> None:
-            fd = os.open(big, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            for _ in range(self.seq_mib):
-                os.write(fd, block)
-            os.fsync(fd)
-            os.close(fd)
-
-        def seq_read() -> None:
-            fd = os.open(big, os.O_RDONLY)
+        def read() -> None:
+            fd = os.open(path, os.O_RDONLY)
             while os.read(fd, MiB):
                 pass
             os.close(fd)
 
-        r["seq write MB/s"] = self.seq_mib * MiB / 1e6 / timed(seq_write)
-        if drop_caches():
-            r["cold read MB/s"] = self.seq_mib * MiB / 1e6 / timed(seq_read)
-        else:
-            seq_read()
-        r["warm re-read MB/s"] = self.seq_mib * MiB / 1e6 / timed(seq_read)
-        os.unlink(big)
+        r["cold seq read MB/s"] = mb / timed(read)
+        r["warm re-read MB/s"] = mb / timed(read)
+        if not t.fixed_file:
+            os.unlink(path)
 
-        # random 4 KiB I/O on a 64 MiB file
-        rnd = mp / "rand.bin"
-        with open(rnd, "wb") as f:
-            for _ in range(64):
-                f.write(os.urandom(MiB))
-            f.flush()
-            os.fsync(f.fileno())
-        r.update(self.random_io(rnd))
-        os.unlink(rnd)
-
-        # small files
-        sd = mp / "small"
+    def small_files(self, t: Target, r: dict[str, float]) -> None:
+        sd = t.mp / "small"
         sd.mkdir()
-        payload = os.urandom(2048)
-        names = [sd / f"d{i % 20}" / f"file{i}.txt" for i in range(self.small)]
         for i in range(20):
             (sd / f"d{i}").mkdir()
+        names = [sd / f"d{i % 20}" / f"file{i}.txt" for i in range(self.small)]
+        payload = os.urandom(2048)
 
         def create() -> None:
             for n in names:
                 with open(n, "wb") as f:
                     f.write(payload)
 
+        def stat_all() -> None:
+            for n in names:
+                os.lstat(n)
+
         def read_all() -> None:
             for n in names:
                 with open(n, "rb") as f:
                     f.read()
 
-        r["small create files/s"] = self.small / timed(create)
-        drop_caches()
-        r["small read files/s"] = self.small / timed(read_all)
-        drop_caches()
-        r["ls -lR files/s"] = self.small / timed(
-            lambda: subprocess.run(["ls", "-lR", str(sd)], stdout=subprocess.DEVNULL, check=True)
-        )
-
         def delete() -> None:
             for n in names:
                 os.unlink(n)
 
+        r["small create files/s"] = self.small / timed(create)
+        t.cold()
+        r["cold stat files/s"] = self.small / timed(stat_all)
+        t.cold()
+        r["cold ls -lR files/s"] = self.small / timed(
+            lambda: subprocess.run(["ls", "-lR", str(sd)], stdout=subprocess.DEVNULL, check=True)
+        )
+        t.cold()
+        r["cold small read files/s"] = self.small / timed(read_all)
         r["small delete files/s"] = self.small / timed(delete)
         shutil.rmtree(sd)
 
-        # tar -x / rm -rf of a source tree
-        dest = mp / "tree"
+    def tar(self, t: Target, r: dict[str, float]) -> None:
+        dest = t.mp / "tree"
         dest.mkdir()
         r["tar -x entries/s"] = self.tar_entries / timed(
             lambda: subprocess.run(["tar", "-xf", str(self.tarball), "-C", str(dest)], check=True)
         )
-        os.sync()
+        os.sync()  # rm -rf should not pay for the disk's writeback of the extraction
         r["rm -rf entries/s"] = self.tar_entries / timed(
             lambda: subprocess.run(["rm", "-rf", str(dest)], check=True)
         )
-        return r
 
 
-def make_tarball(work: Path) -> tuple[Path, int]:
-    src = Path(sys.prefix) / "lib"
+def write_file(path: Path, mib: int, block: bytes, *, create: bool) -> None:
+    flags = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if create else 0)
+    fd = os.open(path, flags, 0o644)
+    try:
+        for _ in range(mib):
+            os.write(fd, block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_tarball(work: Path, files: int) -> tuple[Path, int]:
+    """A tree of `files` small files (0.5-8 KiB, 25 per directory, some executable)."""
+    rng = random.Random(7)
+    src = work / "tree-src"
+    for i in range(files):
+        d = src / f"pkg{i // 250}" / f"mod{i // 25}"
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"file{i}.py"
+        p.write_bytes(rng.randbytes(rng.randrange(512, 8193)))
+        os.chmod(p, 0o755 if i % 10 == 0 else 0o644)
     tarball = work / "tree.tar"
-    subprocess.run(
-        ["tar", "--exclude=__pycache__", "-cf", str(tarball), "-C", str(src), "."], check=True
-    )
+    subprocess.run(["tar", "-cf", str(tarball), "-C", str(src), "."], check=True)
+    shutil.rmtree(src)
     out = subprocess.run(["tar", "-tf", str(tarball)], capture_output=True, text=True, check=True)
     return tarball, len(out.stdout.splitlines())
 
 
-def peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+def report(med: dict[str, dict[str, float]], names: list[str], markdown: bool) -> list[str]:
+    """The table: figures per target, vault/gocryptfs against the goal, nullfs/gocryptfs."""
+    have_ratio = "vault" in med and "gocryptfs" in med
+    have_ceiling = "nullfs" in med and "gocryptfs" in med
+    head = ["metric", *names, "vault/gocryptfs", "target", "result"]
+    if have_ceiling:
+        head.append("nullfs/gocryptfs")
+    rows: list[list[str]] = []
+
+    def ratio(a: str, metric: str) -> float | None:
+        x, y = med.get(a, {}).get(metric), med.get("gocryptfs", {}).get(metric)
+        return x / y if x is not None and y else None
+
+    met = total = 0
+    for row in [*ROWS, Row(RSS_ROW, None)]:
+        if not any(row.metric in m for m in med.values()):
+            continue
+        cells = [row.metric]
+        cells += [f"{med[n][row.metric]:.0f}" if row.metric in med[n] else "-" for n in names]
+        # RSS has an absolute limit; a ratio to gocryptfs's would only mislead
+        vr = ratio("vault", row.metric) if have_ratio and row.metric != RSS_ROW else None
+        cells.append(f"{vr:.2f}x" if vr is not None else "-")
+        if row.metric == RSS_ROW:
+            vault_rss = med.get("vault", {}).get(RSS_ROW)
+            cells.append(f"< {RSS_LIMIT_MIB:.0f} MiB")
+            ok = vault_rss is not None and vault_rss < RSS_LIMIT_MIB
+            cells.append("-" if vault_rss is None else "pass" if ok else "MISS")
+            total += vault_rss is not None
+            met += ok
+        elif row.goal is None:
+            cells += ["-", "-"]
+        else:
+            cells.append(f">= {row.goal:.1f}x")
+            cells.append("-" if vr is None else "pass" if vr >= row.goal else "MISS")
+            total += vr is not None
+            met += vr is not None and vr >= row.goal
+        if have_ceiling:
+            cr = ratio("nullfs", row.metric)
+            cells.append(f"{cr:.2f}x" if cr is not None and row.metric != RSS_ROW else "-")
+        rows.append(cells)
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(c) + " |" for c in rows]
+        lines.append("")  # a line right after a GFM table would become one of its rows
+    else:
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        lines = [
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+            for r in [head, *rows]
+        ]
+    lines.append(f"targets met: {met} of {total}")
+    return lines
 
 
-def run_vault(work: Path, bench: Bench, opts: dict[str, object]) -> tuple[dict[str, float], int]:
-    container = work / "vault.kv"
-    fs_fixtures.mkfs_container(container)
-    m = fs_fixtures.Mount(container, work / "vault.mnt", work / "vault.log", **opts)
-    m.start()
-    try:
-        bench.mp = m.mountpoint
-        res = bench.run()
-        rss = peak_rss(m.pid)
-    finally:
-        rc = m.stop()
-    if rc != 0:
-        raise RuntimeError(f"vault daemon exited {rc}:\n{m.log()}")
-    container.unlink()
-    return res, rss
-
-
-def run_plain(work: Path, bench: Bench) -> dict[str, float]:
-    d = work / "plain"
-    d.mkdir()
-    bench.mp = d
-    try:
-        return bench.run()
-    finally:
-        shutil.rmtree(d)
-
-
-def run_ceiling(work: Path, bench: Bench) -> dict[str, float]:
-    """Random 4 KiB I/O through a no-op filesystem on kryptvault's FUSE adapter
-    (bench/nullfs.py): the most any Python daemon on mfusepy can do here."""
-    mnt = work / "ceiling.mnt"
-    mnt.mkdir(exist_ok=True)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "nullfs.py"), str(mnt)])
-    try:
-        deadline = time.monotonic() + 20
-        while not os.path.ismount(mnt):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the no-op filesystem did not mount")
-            time.sleep(0.05)
-        return bench.random_io(mnt / "data.bin")
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-        proc.wait(timeout=20)
-
-
-def run_gocryptfs(work: Path, bench: Bench) -> dict[str, float]:
-    cipher, mnt = work / "gc.cipher", work / "gc.mnt"
-    cipher.mkdir()
-    mnt.mkdir(exist_ok=True)
-    subprocess.run(
-        ["gocryptfs", "-init", "-extpass", "echo pw", "-scryptn", "10", "-q", str(cipher)],
-        check=True,
-    )
-    subprocess.run(["gocryptfs", "-extpass", "echo pw", "-q", str(cipher), str(mnt)], check=True)
-    try:
-        bench.mp = mnt
-        return bench.run()
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
-        shutil.rmtree(cipher)
+def vault_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Only what was asked for: the default is whatever kryptvault.fuseadapter.serve does."""
+    opts: dict[str, Any] = {}
+    if args.writeback is not None:
+        opts["writeback"] = args.writeback
+    if args.threads:
+        opts["threads"] = True
+    store_options = {}
+    if args.dirty_limit:
+        store_options["dirty_limit"] = args.dirty_limit * MiB
+    if args.cache_limit:
+        store_options["cache_limit"] = args.cache_limit * MiB
+    if store_options:
+        opts["store_options"] = store_options
+    for item in args.vault_opt:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"bench/run.py: --vault-opt wants KEY=VALUE, got {item!r}")
+        try:
+            opts[key] = json.loads(value)
+        except ValueError:
+            opts[key] = value
+    return opts
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument(
         "--targets",
-        default="vault,plain,gocryptfs,ceiling",
-        help="ceiling = random 4 KiB I/O through a no-op filesystem on the same FUSE adapter",
+        default="vault,gocryptfs,plain,nullfs",
+        help="any of vault, gocryptfs, plain, nullfs (= ceiling: a no-op fs on the vault's FUSE layer)",
     )
-    ap.add_argument("--repeat", type=int, default=1, help="runs per target; medians reported")
-    ap.add_argument("--writeback", action="store_true", help="mount the vault with writeback cache")
-    ap.add_argument("--no-keep-cache", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    ap.add_argument("--threads", action="store_true", help="libfuse worker threads")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds; every figure is the median")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--seq-mib", type=int, help="sequential file size (256; --quick 64)")
+    ap.add_argument("--rand-ops", type=int, help="random 4 KiB reads and writes each (20000; --quick 2000)")
+    ap.add_argument("--small-files", type=int, help="small files (2000; --quick 500)")
+    ap.add_argument("--tar-files", type=int, help="files in the tar -x tree (2000; --quick 500)")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown (README)")
+    ap.add_argument("--writeback", action=argparse.BooleanOptionalAction, default=None,
+                    help="force the vault's writeback cache on/off (default: the layer's own)")
+    ap.add_argument("--threads", action="store_true", help="more than one request loop in the vault")
+    ap.add_argument("--vault-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="another keyword for kryptvault.fuseadapter.serve (VALUE as JSON if it parses)")
     ap.add_argument("--dirty-limit", type=int, default=0, help="store dirty limit, MiB")
     ap.add_argument("--cache-limit", type=int, default=0, help="store block cache, MiB")
     ap.add_argument("--dir", default=os.environ.get("KV_BENCH_DIR", "/var/tmp"))
     args = ap.parse_args()
-    targets = args.targets.split(",")
-    if "gocryptfs" in targets and not shutil.which("gocryptfs"):
-        print("gocryptfs not installed: skipped")
-        targets.remove("gocryptfs")
+    names = ["nullfs" if n.strip() == "ceiling" else n.strip() for n in args.targets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ("vault", "gocryptfs", "plain", "nullfs")]
+    if args.repeat < 1:
+        print("bench/run.py: --repeat must be at least 1", file=sys.stderr)
+        return 2
+    if unknown or not names:
+        print(f"bench/run.py: unknown target {', '.join(unknown) or '(none)'}", file=sys.stderr)
+        return 2
+    if "gocryptfs" in names and not shutil.which("gocryptfs"):
+        print("gocryptfs not installed: skipped (no ratios)")
+        names.remove("gocryptfs")
+    seq_mib = args.seq_mib or (64 if args.quick else 256)
+    rand_ops = args.rand_ops or (2000 if args.quick else 20000)
+    small = args.small_files or (500 if args.quick else 2000)
+    tar_files = args.tar_files or (500 if args.quick else 2000)
+    cold_ok = drop_caches()
+    opts = vault_options(args)
     work = Path(tempfile.mkdtemp(prefix="kv-bench-", dir=args.dir))
+    running: list[Target] = []
     try:
-        tarball, entries = make_tarball(work)
-        bench = Bench(
-            work,
-            seq_mib=64 if args.quick else 256,
-            rand_ops=4000 if args.quick else 20000,
-            small=500 if args.quick else 2000,
-            tarball=tarball,
-            tar_entries=entries,
-        )
-        opts: dict[str, object] = {"writeback": args.writeback, "keep_cache": not args.no_keep_cache}
-        if args.threads:
-            opts["threads"] = True
-        store_options = {}
-        if args.dirty_limit:
-            store_options["dirty_limit"] = args.dirty_limit * MiB
-        if args.cache_limit:
-            store_options["cache_limit"] = args.cache_limit * MiB
-        if store_options:
-            opts["store_options"] = store_options
-        results: dict[str, list[dict[str, float]]] = {t: [] for t in targets}
-        rss: list[int] = []
+        tarball, entries = make_tarball(work, tar_files)
+        workload = Workload(seq_mib, rand_ops, small, tarball, entries)
+        makers: dict[str, Callable[[], Target]] = {
+            "vault": lambda: VaultTarget(work, opts),
+            "gocryptfs": lambda: GocryptfsTarget(work),
+            "plain": lambda: PlainTarget(work),
+            "nullfs": lambda: NullfsTarget(work),
+        }
+        targets = {n: makers[n]() for n in names}
+        results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+        failed: set[str] = set()
         for round_no in range(args.repeat):
             # Each round starts with a different target, and every target starts with the
             # previous one's dirty pages written back: the disk's background writeback
             # would otherwise slow whichever target always runs second.
-            for t in targets[round_no % len(targets):] + targets[: round_no % len(targets)]:
+            k = round_no % len(names)
+            for n in names[k:] + names[:k]:
+                if n in failed:
+                    continue
+                t = targets[n]
                 os.sync()
-                if t == "vault":
-                    res, peak = run_vault(work, bench, opts)
-                    rss.append(peak)
-                elif t == "plain":
-                    res = run_plain(work, bench)
-                elif t == "ceiling":
-                    res = run_ceiling(work, bench)
-                else:
-                    res = run_gocryptfs(work, bench)
-                results[t].append(res)
+                try:
+                    t.setup()
+                    running.append(t)
+                    t.start()
+                    res = workload.run(t)
+                    running.remove(t)
+                    t.stop()
+                    t.teardown()
+                except Exception as e:  # one broken target must not hide the others' figures
+                    print(f"bench/run.py: {n} failed in round {round_no + 1}, left out: {e}", file=sys.stderr)
+                    failed.add(n)
+                    discard(t, running)
+                    continue
+                if t.rss:
+                    res[RSS_ROW] = t.rss / MiB
+                results[n].append(res)
+                print(f"round {round_no + 1}/{args.repeat}: {n} done", file=sys.stderr)
+        names = [n for n in names if n not in failed]
         med = {
-            t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in results.items()
+            n: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+            for n, rs in results.items()
+            if n not in failed
         }
-        # The ceiling only has the random I/O figures; its other cells print as nan.
-        print(f"\ntree for tar: {entries} entries; vault options {opts}; repeat {args.repeat}")
-        head = f"{'metric':24}" + "".join(f"{t:>12}" for t in targets)
-        if "vault" in med and "gocryptfs" in med:
-            head += f"{'vault/gc':>10}{'target':>8}"
-        print(head)
-        for metric, (_unit, goal) in TARGETS.items():
-            if not any(metric in m for m in med.values()):
-                continue
-            row = f"{metric:24}" + "".join(f"{med[t].get(metric, float('nan')):12.0f}" for t in targets)
-            if "vault" in med and "gocryptfs" in med and metric in med["vault"]:
-                ratio = med["vault"][metric] / med["gocryptfs"][metric]
-                mark = "" if goal is None else f"{goal:>6.2f}x" + (" ok" if ratio >= goal else " LOW")
-                row += f"{ratio:9.2f}x {mark}"
-            print(row)
-        if rss:
-            print(f"vault daemon peak RSS: {max(rss) / MiB:.0f} MiB (target < 150 MiB)")
-        if "ceiling" in med and "gocryptfs" in med:
-            for metric in ("rand 4K read ops/s", "rand 4K write ops/s"):
-                ceiling, peer = med["ceiling"][metric], med["gocryptfs"][metric]
-                goal = TARGETS[metric][1] or 0.0
-                print(
-                    f"ceiling {metric}: a no-op fs on the same adapter does {ceiling:.0f} = "
-                    f"{ceiling / peer:.2f}x gocryptfs; the {goal:.2f}x target needs {goal * peer:.0f}"
-                )
+        print(
+            f"\nmedians of {args.repeat}; seq {seq_mib} MiB (nullfs {min(seq_mib, 64)} MiB), "
+            f"{rand_ops} random 4 KiB ops on a 64 MiB file, {small} small files, "
+            f"tar -x of {entries} entries; vault options {opts or '(layer defaults)'}"
+        )
+        if cold_ok:
+            print("cold = sync, unmount (daemon exits), drop_caches 3, mount; plain: sync + drop_caches")
+        else:
+            print("not root: drop_caches failed, so 'cold' rows only remount (page cache kept)")
+        print("\n".join(report(med, names, args.markdown)))
     finally:
+        for t in list(running):
+            discard(t, running)
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def discard(t: Target, running: list[Target]) -> None:
+    """Unmount and remove a target after an error, whatever state it is in."""
+    if t in running:
+        running.remove(t)
+        try:
+            t.stop()
+        except Exception as e:
+            print(f"bench/run.py: cleaning up {t.name}: {e}", file=sys.stderr)
+    if os.path.ismount(t.mp):
+        subprocess.run(["fusermount3", "-u", "-z", str(t.mp)], capture_output=True, check=False)
+    with contextlib.suppress(OSError):
+        t.teardown()
 
 
 if __name__ == "__main__":

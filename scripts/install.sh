@@ -24,7 +24,10 @@ PKGS=(
   gocryptfs                              # bench: the peer we compare with
   git rsync sqlite3 tar                  # tests: real programs on the mount
   acl                                    # tests: getfacl/setfacl on the mount
+  rclone                                 # runtime: backups to remotes (also serves WebDAV/SFTP in tests)
   udev                                   # tests: udev rules loaded by udevd in the QEMU guest
+  dbus-daemon                            # tests: private buses for the desktop links (fake logind, notifications)
+  libglib2.0-bin                         # tests: `gio mount -l/-u` as file managers see the mount
 )
 APT_LOCK_WAIT="${APT_LOCK_WAIT:-600}"
 apt_get() {

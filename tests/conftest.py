@@ -28,10 +28,15 @@ SESSION_ENV = {
     "XDG_STATE_HOME": str(SESSION_ROOT / "state"),
     "XDG_CONFIG_HOME": str(SESSION_ROOT / "config"),
     "XDG_CACHE_HOME": str(SESSION_ROOT / "cache"),
+    "XDG_DATA_HOME": str(SESSION_ROOT / "data"),  # `kryptvault setup` installs its desktop entry here
 }
 for _name, _value in SESSION_ENV.items():
     Path(_value).mkdir(mode=0o700, parents=True, exist_ok=True)
     os.environ[_name] = _value
+# No daemon a test starts may reach the real desktop's buses (a sleep inhibitor, a
+# notification): both point at sockets that do not exist unless a test starts its own.
+os.environ["DBUS_SESSION_BUS_ADDRESS"] = f"unix:path={SESSION_ROOT}/no-session-bus"
+os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = f"unix:path={SESSION_ROOT}/no-system-bus"
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -511,7 +511,7 @@ def test_new_entries_take_the_default_acl_instead_of_the_umask(fs: Filesystem) -
 
 def test_access_acl_set_by_a_non_member_clears_set_gid(fs: Filesystem) -> None:
     """As the kernel's posix_acl_update_mode: set-gid survives an ACL change only for a
-    caller in the file's group (libfuse 3.14 does not forward the kernel's hint)."""
+    caller in the file's group (the FUSE layer does not negotiate the kernel's hint)."""
     st, fh = fs.create(1, b"f", 0o2770, os.O_WRONLY, 0, 50)
     fs.release(fh)
     ext = acl_value((USER_OBJ, 7, UNDEF), (USER, 7, 1000), (GROUP_OBJ, 7, UNDEF),

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kryptvault.backup.engine import run_backup
+from kryptvault.backup.remote import run_remote_backup
+from kryptvault.backup.transport import RemoteUnreachable, is_remote
 from kryptvault.errors import KryptvaultError
 from kryptvault.session.audit import AuditLog
 from kryptvault.session.config import AutoBackupConfig
@@ -61,6 +63,9 @@ def run_auto_backup(
 ) -> list[AutoOutcome]:
     outcomes = []
     for dest in config.destinations:
+        if is_remote(dest):
+            outcomes.append(_auto_remote(container, vault_uuid, os.fspath(dest), config.keep, audit))
+            continue
         if not dest.is_dir():
             audit.append("backup_skipped", vault=vault_uuid, dest=str(dest), reason="not reachable")
             outcomes.append(AutoOutcome(dest, "skipped", "not reachable"))
@@ -86,3 +91,36 @@ def run_auto_backup(
         )
         outcomes.append(AutoOutcome(dest, "done", f"version {result.version}"))
     return outcomes
+
+
+def _auto_remote(
+    container: Path, vault_uuid: uuid.UUID, dest: str, keep: int, audit: AuditLog
+) -> AutoOutcome:
+    """An rclone remote that does not answer is skipped like an unplugged disk: the next
+    lock tries it again, and nothing already uploaded is uploaded twice."""
+    audit.append("backup_started", vault=vault_uuid, container=str(container), dest=dest, auto=True)
+    try:
+        result = run_remote_backup(container, dest, keep=keep)
+    except RemoteUnreachable as exc:
+        message = " ".join(str(exc).split())
+        audit.append("backup_skipped", vault=vault_uuid, dest=dest, reason=f"not reachable: {message}",
+                     auto=True)
+        return AutoOutcome(Path(dest), "skipped", f"not reachable: {message}")
+    except (KryptvaultError, OSError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        audit.append("backup_failed", vault=vault_uuid, dest=dest, error=message, auto=True)
+        return AutoOutcome(Path(dest), "failed", message)
+    audit.append(
+        "backup_done",
+        vault=vault_uuid,
+        container=str(container),
+        dest=dest,
+        backup=result.set_display,
+        version=result.version,
+        method=result.method,
+        bytes_written=result.bytes_uploaded,
+        seconds=round(result.seconds, 3),
+        auto=True,
+    )
+    return AutoOutcome(Path(dest), "done",
+                       f"version {result.version}, uploaded {result.chunks_uploaded} chunks")

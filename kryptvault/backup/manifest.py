@@ -27,6 +27,28 @@ from kryptvault.errors import FormatError
 
 MANIFEST_FORMAT = 1
 MAGIC_LINE = b"KVBACKUP-MANIFEST 1\n"
+
+
+def seal_manifest(magic: bytes, obj: dict[str, Any]) -> bytes:
+    """The magic line, canonical JSON, and a line with the SHA-256 of both (BACKUP.md)."""
+    text = json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True)
+    body = magic + text.encode() + b"\n"
+    return body + b"sha256 " + hashlib.sha256(body).hexdigest().encode() + b"\n"
+
+
+def open_manifest(raw: bytes, magic: bytes, kind: str) -> bytes:
+    """The JSON text of a sealed manifest, after its magic line and checksum are checked."""
+    if not raw.startswith(magic):
+        raise ManifestError(f"not a {kind} (bad first line)")
+    if not raw.endswith(b"\n"):
+        raise ManifestError("manifest is truncated")
+    cut = raw.rfind(b"\n", 0, len(raw) - 1) + 1
+    body, last = raw[:cut], raw[cut:]
+    if not last.startswith(b"sha256 ") or len(last) != 7 + 64 + 1:
+        raise ManifestError("manifest checksum line is missing or damaged")
+    if hashlib.sha256(body).hexdigest().encode() != last[7:-1]:
+        raise ManifestError("manifest checksum mismatch (damaged or modified)")
+    return body[len(magic):]
 CHUNK_SIZE = 1 << 20
 METHODS = ("full", "incremental", "rescan")
 MAX_MANIFEST_BYTES = 1 << 30
@@ -169,24 +191,13 @@ class Manifest:
         }
 
     def encode(self) -> bytes:
-        text = json.dumps(self.to_json(), sort_keys=True, indent=1, ensure_ascii=True)
-        body = MAGIC_LINE + text.encode() + b"\n"
-        return body + b"sha256 " + hashlib.sha256(body).hexdigest().encode() + b"\n"
+        return seal_manifest(MAGIC_LINE, self.to_json())
 
     @classmethod
     def decode(cls, raw: bytes) -> Manifest:
-        if not raw.startswith(MAGIC_LINE):
-            raise ManifestError("not a kryptvault backup manifest (bad first line)")
-        if not raw.endswith(b"\n"):
-            raise ManifestError("manifest is truncated")
-        cut = raw.rfind(b"\n", 0, len(raw) - 1) + 1
-        body, last = raw[:cut], raw[cut:]
-        if not last.startswith(b"sha256 ") or len(last) != 7 + 64 + 1:
-            raise ManifestError("manifest checksum line is missing or damaged")
-        if hashlib.sha256(body).hexdigest().encode() != last[7:-1]:
-            raise ManifestError("manifest checksum mismatch (damaged or modified)")
+        body = open_manifest(raw, MAGIC_LINE, "kryptvault backup manifest")
         try:
-            obj = json.loads(body[len(MAGIC_LINE):].decode("ascii"))
+            obj = json.loads(body.decode("ascii"))
         except (UnicodeDecodeError, ValueError):
             raise ManifestError("manifest JSON does not parse")
         if not isinstance(obj, dict):

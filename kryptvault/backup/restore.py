@@ -82,9 +82,8 @@ def write_version(view: VersionView, manifest: Manifest, fd: int, progress: Prog
     os.fsync(fd)
 
 
-def run_restore(backup: Path, version: int | None, target: Path, *, force: bool = False,
-                progress: Progress | None = None) -> RestoreResult:
-    target = Path(target)
+def restore_target(target: Path, force: bool) -> Path:
+    """Refuse a target a restore must not write; its directory otherwise."""
     if target.is_dir():
         raise UsageError(f"{target} is a directory, not a container file")
     if target.exists() and not force:
@@ -92,27 +91,43 @@ def run_restore(backup: Path, version: int | None, target: Path, *, force: bool 
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"the directory {parent} does not exist")
+    return parent
+
+
+@contextlib.contextmanager
+def new_container_file(target: Path, parent: Path) -> Iterator[int]:
+    """A descriptor of a new temporary file beside `target`: renamed over it (and the
+    directory fsync-ed) when the block ends, removed if it raises, so a restore never
+    leaves a partly written container under the target's name."""
+    tmp = parent / f".{target.name}.kv-restore-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise os_error("create", tmp, exc)
+    try:
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        fsync_dir(parent)
+    except OSError as exc:
+        raise os_error("write", target, exc)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def run_restore(backup: Path, version: int | None, target: Path, *, force: bool = False,
+                progress: Progress | None = None) -> RestoreResult:
+    target = Path(target)
+    parent = restore_target(target, force)
     with reading_set(Path(backup)) as state:
         wanted = pick_version(state, version)
         with open_version(state, wanted) as view, _target_lock(target):
             manifest = state.manifests[wanted]
-            tmp = parent / f".{target.name}.kv-restore-{os.getpid()}-{os.urandom(4).hex()}"
-            try:
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except OSError as exc:
-                raise os_error("create", tmp, exc)
-            try:
-                try:
-                    write_version(view, manifest, fd, progress)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, target)
-                fsync_dir(parent)
-            except OSError as exc:
-                raise os_error("write", target, exc)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+            with new_container_file(target, parent) as fd:
+                write_version(view, manifest, fd, progress)
         newest = state.newest
         assert newest is not None
         return RestoreResult(state.vault_uuid, wanted, newest, manifest, target)

@@ -335,33 +335,48 @@ def verify_blocks(
         if wanted not in state.manifests:
             raise KryptvaultError(f"the backup has no readable version {wanted}")
         with materialized(state, wanted) as path:
-            unlocked = unlock_container(path, token_spec=token_spec, ask_password=ask_password,
-                                        ask_recovery_key=ask_recovery_key)
-            with unlocked:
-                keys = store_keys(unlocked.master, unlocked.vault_uuid)
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    layout = Layout(block_size=unlocked.header.layout.block_size)
-                    try:
-                        store = ObjectStore.open(fd, layout, unlocked.vault_uuid, keys.data, keys.meta,
-                                                 read_only=True)
-                    except (IntegrityError, FormatError) as exc:
-                        return wanted, 0, [f"the object store does not open: {exc}"]
-                    try:
-                        damage = store.verify()
-                        generation = store.generation
-                    finally:
-                        store.close()
-                finally:
-                    os.close(fd)
-                    keys.wipe()
-        found = [
-            f"object {d.oid} stream {d.stream} "
-            + (f"level {d.level} block {d.index}" if d.level >= 0 else "")
-            + f": {d.reason}"
-            for d in damage
-        ]
+            generation, found = verify_container_blocks(
+                path, token_spec=token_spec, ask_password=ask_password, ask_recovery_key=ask_recovery_key)
         return wanted, generation, found
 
 
-__all__ = ["Problem", "VerifyReport", "describe_region", "verify_blocks", "verify_set"]
+def verify_container_blocks(
+    path: Path,
+    *,
+    token_spec: str | None,
+    ask_password: AskSecret,
+    ask_recovery_key: AskSecret | None,
+) -> tuple[int, list[str]]:
+    """Unlock one container file (a rebuilt version) and authenticate every block:
+    (commit generation, damage descriptions)."""
+    unlocked = unlock_container(path, token_spec=token_spec, ask_password=ask_password,
+                                ask_recovery_key=ask_recovery_key)
+    with unlocked:
+        keys = store_keys(unlocked.master, unlocked.vault_uuid)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            layout = Layout(block_size=unlocked.header.layout.block_size)
+            try:
+                store = ObjectStore.open(fd, layout, unlocked.vault_uuid, keys.data, keys.meta,
+                                         read_only=True)
+            except (IntegrityError, FormatError) as exc:
+                return 0, [f"the object store does not open: {exc}"]
+            try:
+                damage = store.verify()
+                generation = store.generation
+            finally:
+                store.close()
+        finally:
+            os.close(fd)
+            keys.wipe()
+    found = [
+        f"object {d.oid} stream {d.stream} "
+        + (f"level {d.level} block {d.index}" if d.level >= 0 else "")
+        + f": {d.reason}"
+        for d in damage
+    ]
+    return generation, found
+
+
+__all__ = ["Problem", "VerifyReport", "describe_region", "verify_blocks", "verify_container_blocks",
+           "verify_set"]

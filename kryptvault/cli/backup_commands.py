@@ -12,8 +12,10 @@ from typing import Any
 import click
 
 from kryptvault.backup.engine import DEFAULT_KEEP, STRATEGIES, run_backup
-from kryptvault.backup.restore import reading_set, run_restore
+from kryptvault.backup.remote import RemoteRestoreResult
+from kryptvault.backup.restore import RestoreResult, reading_set, run_restore
 from kryptvault.backup.setdir import describe_versions
+from kryptvault.backup.transport import is_remote
 from kryptvault.backup.verify import verify_blocks, verify_set
 from kryptvault.cli.app import cli
 from kryptvault.cli.options import UnlockArgs, container_argument, unlock_options
@@ -67,6 +69,10 @@ def backup() -> None:
     changed since the last one (the container's change tables say where). DEST gets one
     directory per vault holding current.kv, a plain container of the newest version,
     plus increments that rebuild the older versions (see 'kryptvault restore').
+
+    DEST may be rclone:REMOTE:path, any remote configured in rclone (S3, B2, WebDAV,
+    SFTP, ...): the container goes there in write-once 1 MiB chunks named by their
+    hash, and each backup uploads only the chunks the remote lacks (docs/BACKUP.md §12).
     """
 
 
@@ -102,6 +108,11 @@ def backup_run(container: Path, dest: Path, keep: int, rescan: bool, strategy: s
 
     The container must not be mounted, unless its mount daemon offers a live backup.
     """
+    if is_remote(dest):
+        if strategy != "auto":
+            raise UsageError("--strategy applies to directory destinations, not to rclone remotes")
+        _backup_remote(container, os.fspath(dest), keep, rescan, as_json)
+        return
     vault = _vault_of(container)
     _audit("backup_started", vault, container=container.absolute(), dest=dest.absolute())
     bar = Progress("backup", not as_json)
@@ -146,6 +157,43 @@ def backup_run(container: Path, dest: Path, keep: int, rescan: bool, strategy: s
     versions = f"versions {kept[0]}..{kept[-1]}" if len(kept) > 1 else f"version {kept[0]}"
     removed = f" (removed {', '.join(map(str, result.pruned))})" if result.pruned else ""
     click.echo(f"  {result.set_path}: {versions}{removed}")
+
+
+def _backup_remote(container: Path, dest: str, keep: int, replace_history: bool, as_json: bool) -> None:
+    from kryptvault.backup.remote import run_remote_backup
+
+    vault = _vault_of(container)
+    _audit("backup_started", vault, container=container.absolute(), dest=dest)
+    bar = Progress("backup", not as_json)
+    try:
+        result = run_remote_backup(container, dest, keep=keep, progress=bar, replace_history=replace_history)
+    except BaseException as exc:
+        _audit("backup_failed", vault, container=container.absolute(), dest=dest,
+               error=" ".join(str(exc).split()) or type(exc).__name__)
+        raise
+    finally:
+        bar.finish()
+    _audit("backup_done", vault, container=container.absolute(), dest=dest, backup=result.set_display,
+           version=result.version, method=result.method, live=result.live,
+           source_bytes_read=result.source_bytes_read, bytes_written=result.bytes_uploaded,
+           seconds=round(result.seconds, 3))
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    live = ", live" if result.live else ""
+    click.echo(f"backed up vault {result.vault_uuid} as version {result.version} (write-once chunks{live})")
+    click.echo(
+        f"  read {human(result.source_bytes_read)} of the {human(result.container_size)} container; "
+        f"uploaded {result.chunks_uploaded} of {result.chunks_total} chunks "
+        f"({human(result.bytes_uploaded)}) in {result.seconds:.2f} s"
+    )
+    for note in result.notes:
+        click.echo(f"  note: {note}")
+    kept = result.versions
+    versions = f"versions {kept[0]}..{kept[-1]}" if len(kept) > 1 else f"version {kept[0]}"
+    removed = f" (removed {', '.join(map(str, result.pruned))}, {result.chunks_pruned} chunks)" \
+        if result.pruned or result.chunks_pruned else ""
+    click.echo(f"  {result.set_display}: {versions}{removed}")
 
 
 @backup.command("auto")
@@ -196,6 +244,9 @@ def backup_auto(container: Path, after_lock: bool, wait_seconds: float) -> None:
 @json_option
 def backup_list(dest: Path, as_json: bool) -> None:
     """List the versions kept in DEST (or in one vault's directory under it)."""
+    if is_remote(dest):
+        _list_remote(os.fspath(dest), as_json)
+        return
     with reading_set(dest) as state:
         rows: list[dict[str, Any]] = []
         newest = state.newest
@@ -253,6 +304,40 @@ def backup_list(dest: Path, as_json: bool) -> None:
                 f"  {row['version']:>8}  {row['backed_up']:<20}  {human(row['container_size']):>10}  "
                 f"{shown:>10}  {row['generation']:>10}  {method}"
             )
+
+
+def _list_remote(dest: str, as_json: bool) -> None:
+    from kryptvault.backup.remote import load_remote_set
+
+    state = load_remote_set(dest)
+    rows: list[dict[str, Any]] = [
+        {
+            "version": v,
+            "current": v == state.newest,
+            "backed_up": m.created_text,
+            "container_size": m.size,
+            "chunks": len(m.chunks),
+            "uploaded_bytes": m.uploaded_bytes,
+            "live": m.live,
+        }
+        for v, m in sorted(state.manifests.items(), reverse=True)
+    ]
+    if as_json:
+        damaged = {str(v): r for v, r in sorted(state.bad_manifests.items())}
+        click.echo(json.dumps({"backup": state.display, "vault_uuid": str(state.vault_uuid),
+                               "damaged_manifests": damaged,
+                               "stored_bytes": sum(state.chunk_sizes.values()),
+                               "versions": rows}, indent=2))
+        return
+    click.echo(f"vault {state.vault_uuid} in {state.display}: {len(rows)} version(s), "
+               f"{human(sum(state.chunk_sizes.values()))} stored in {len(state.chunk_sizes)} chunks")
+    for v, reason in sorted(state.bad_manifests.items()):
+        click.echo(f"  version {v}: manifest damaged ({reason})")
+    if rows:
+        click.echo(f"  {'version':>8}  {'backed up (UTC)':<20}  {'size':>10}  {'uploaded':>10}")
+    for row in rows:
+        click.echo(f"  {row['version']:>8}  {row['backed_up']:<20}  {human(row['container_size']):>10}  "
+                   f"{human(row['uploaded_bytes']):>10}" + ("  (live)" if row["live"] else ""))
 
 
 def _fork_restored(target: Path, unlock: UnlockArgs) -> tuple[int, bytes]:
@@ -316,11 +401,30 @@ def verify(
     version = _parse_version(version_text) if version_text else None
     bar = Progress("verify", not as_json)
     try:
-        report = verify_set(backup, version=version, progress=bar)
+        if is_remote(backup):
+            from kryptvault.backup.remote import verify_remote
+
+            report = verify_remote(os.fspath(backup), progress=bar)
+        else:
+            report = verify_set(backup, version=version, progress=bar)
     finally:
         bar.finish()
     block_result: tuple[int, int, list[str]] | None = None
-    if full:
+    if full and is_remote(backup):
+        from kryptvault.backup.remote import materialized_remote
+        from kryptvault.backup.verify import verify_container_blocks
+
+        harden_process()
+        with materialized_remote(os.fspath(backup), version) as (wanted, path):
+            generation, damage = verify_container_blocks(
+                path,
+                token_spec=unlock.token_spec,
+                ask_password=unlock.password_asker(),
+                ask_recovery_key=unlock.recovery_asker(),
+            )
+        block_result = (wanted, generation, damage)
+        report.blocks[wanted] = damage
+    elif full:
         harden_process()
         block_result = verify_blocks(
             backup,
@@ -393,7 +497,13 @@ def restore(
     replacing = target.exists()
     bar = Progress("restore", not as_json)
     try:
-        result = run_restore(backup, version, target, force=force, progress=bar)
+        if is_remote(backup):
+            from kryptvault.backup.remote import run_remote_restore
+
+            result: RestoreResult | RemoteRestoreResult = run_remote_restore(
+                os.fspath(backup), version, target, force=force, progress=bar)
+        else:
+            result = run_restore(backup, version, target, force=force, progress=bar)
     finally:
         bar.finish()
     forked = _fork_restored(result.target, unlock) if new_identity else None

@@ -24,6 +24,7 @@ from kryptvault.crypto.secret import harden_process
 from kryptvault.errors import KryptvaultError, TokenError, UsageError
 from kryptvault.session import fusectl
 from kryptvault.session.audit import AuditLog, read_entries
+from kryptvault.session.config import load_vault_prefs
 from kryptvault.session.control import (
     ControlClient,
     DaemonNotRunningError,
@@ -37,7 +38,8 @@ from kryptvault.session.handoff import SessionSettings
 from kryptvault.session.launcher import start_daemon
 from kryptvault.session.mount_session import run_daemon
 from kryptvault.session.rollback import mount_warnings
-from kryptvault.session.unlock import find_token, unlock_container
+from kryptvault.session.unlock import fido2_identities, find_token, slot_identities, unlock_container
+from kryptvault.token.fido2key import authenticators_for, find_holder, is_fido2_spec
 
 SPINNER = "|/-\\"
 
@@ -108,9 +110,18 @@ def _same_file_test(container: Path) -> Callable[[str], bool]:
 def _wait_for_token(container: Path, token_spec: str | None) -> None:
     header = read_container_header(container, allow_disagreement=True).header
     tty = sys.stderr.isatty()
+    keys = list(fido2_identities(header).values())
+    by_key = bool(keys) and (is_fido2_spec(token_spec) or not token_spec)
     for frame in itertools.cycle(SPINNER):
         try:
-            find_token(header, token_spec)
+            # A plugged key that holds a credential (asked without a touch) will do; else,
+            # for a vault with stick slots too, its stick.
+            if by_key and find_holder(authenticators_for(token_spec), keys) is not None:
+                pass
+            elif by_key and (token_spec or not slot_identities(header)):
+                raise TokenError("no plugged security key holds a credential of this vault")
+            else:
+                find_token(header, token_spec)
             if tty:
                 click.echo("\r" + " " * 40 + "\r", nl=False, err=True)
             return
@@ -122,7 +133,7 @@ def _wait_for_token(container: Path, token_spec: str | None) -> None:
 
 @cli.command()
 @container_argument
-@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path), required=False)
 @unlock_options
 @click.option("--foreground", is_flag=True, help="Stay attached (for debugging); Ctrl-C locks.")
 @click.option("--allow-other", is_flag=True, help="Let other users see the files (needs user_allow_other).")
@@ -163,7 +174,7 @@ def _wait_for_token(container: Path, token_spec: str | None) -> None:
 )
 def mount(
     container: Path,
-    mountpoint: Path,
+    mountpoint: Path | None,
     unlock: UnlockArgs,
     foreground: bool,
     allow_other: bool,
@@ -176,11 +187,26 @@ def mount(
     nonempty: bool,
     as_json: bool,
 ) -> None:
-    """Unlock CONTAINER and mount it on MOUNTPOINT; returns once the mount is ready."""
+    """Unlock CONTAINER and mount it on MOUNTPOINT (default: the one `kryptvault setup`
+    wrote); returns once the mount is ready."""
     if as_json and foreground:
         raise UsageError("--json reports a mount that returns: it does not go with --foreground")
     harden_process()
     container = container.resolve()
+    try:
+        prefs = load_vault_prefs(container=container)
+    except UsageError as exc:
+        if mountpoint is None:
+            raise
+        # As for automatic backups: a broken config file does not stop a mount.
+        click.echo(f"warning: {exc}; the vault's desktop settings are ignored", err=True)
+        prefs = None
+    if mountpoint is None:
+        if prefs is None or prefs.mountpoint is None:
+            raise UsageError("missing MOUNTPOINT (or set one with `kryptvault setup CONTAINER`)")
+        mountpoint = prefs.mountpoint
+    if idle_lock is None and prefs is not None and prefs.idle_minutes:
+        idle_lock = prefs.idle_minutes
     mountpoint = mountpoint.resolve()
     _prepare_mountpoint(mountpoint, nonempty)
     _refuse_second_mount(container)
@@ -194,6 +220,7 @@ def mount(
         token_spec=unlock.token_spec,
         ask_password=unlock.password_asker(),
         ask_recovery_key=ask_recovery,
+        ask_pin=unlock.pin_asker(),
     )
     with unlocked:
         header = unlocked.header  # the copy that authenticated, not merely the newest-looking
@@ -214,6 +241,15 @@ def mount(
                 "generation": unlocked.share.generation,
                 "accept_rollback": accept_rollback,
                 "identity": identity.describe(),
+            }
+        elif unlocked.fido2 is not None and unlocked.authenticator is not None:
+            # The daemon watches the key's hidraw node; the rollback record stays on this
+            # machine (the key has no room for one): token/fido2token.py.
+            token = {
+                "spec": f"fido2:{unlocked.authenticator.path}",
+                "generation": 0,
+                "accept_rollback": accept_rollback,
+                "identity": unlocked.fido2.describe(),
             }
         settings = SessionSettings(
             container=str(container),

@@ -46,6 +46,14 @@ def password_options(f: F) -> F:
     return f
 
 
+def pin_option(f: F) -> F:
+    return click.option(
+        "--pin-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="A FIDO2 security key's PIN, from this file (default: asked on the terminal when needed).",
+    )(f)
+
+
 def recovery_options(f: F) -> F:
     f = click.option(
         "--recovery-key-file",
@@ -81,6 +89,12 @@ class UnlockArgs:
     password_file: Path | None = None
     recovery: bool = False
     recovery_key_file: Path | None = None
+    pin_file: Path | None = None
+
+    def pin_asker(self) -> Callable[[], Secret]:
+        """Asks for a FIDO2 key's PIN (only called when the key's slot requires it)."""
+        source = SecretSource(file=self.pin_file)
+        return lambda: read_secret(source, "Security key PIN: ", what="PIN")
 
     def password_source(self) -> SecretSource:
         return password_source(self.password_fd, self.password_file)
@@ -115,6 +129,7 @@ def pass_unlock_args(
                 # the token + password whose slot it changes.
                 recovery=kwargs.pop("recovery", False),
                 recovery_key_file=kwargs.pop("recovery_key_file", None),
+                pin_file=kwargs.pop("pin_file", None),
             )
             f(*args, unlock=unlock, **kwargs)
 
@@ -125,4 +140,4 @@ def pass_unlock_args(
 
 def unlock_options(f: Callable[..., None]) -> Callable[..., None]:
     """Token + password, or the recovery key: how every command that opens a vault asks."""
-    return token_option()(password_options(recovery_options(pass_unlock_args()(f))))
+    return token_option()(password_options(pin_option(recovery_options(pass_unlock_args()(f)))))

@@ -65,7 +65,7 @@ from kryptvault.durable import fsync_dir
 from kryptvault.errors import IntegrityError, KryptvaultError, TokenError, UsageError
 from kryptvault.fs.compact import HEADER_BYTES, CompactStats
 from kryptvault.fs.compact import compact as copy_container
-from kryptvault.session.unlock import Unlocked, unlock_container
+from kryptvault.session.unlock import Unlocked, opened_factor, unlock_container
 from kryptvault.token.share import Share
 
 
@@ -171,6 +171,20 @@ def _rekey(
                     recovery_key = new_recovery_key()
                     printable = format_recovery_key(recovery_key)
                     slot = new_recovery_slot(vault_uuid, index, new_master, recovery_key, old.label)
+                elif unlocked.fido2 is not None:
+                    # The key's hmac-secret cannot be copied off it, so the same credential
+                    # and salt stay; the new master key and the new password are what
+                    # make old header copies (with the old password) useless.
+                    assert new_password is not None and old.kdf is not None
+                    params = (
+                        old.kdf
+                        if kdf_time_ms is None and kdf_memory_mib is None
+                        else choose_kdf(kdf_time_ms, kdf_memory_mib)
+                    )
+                    factor = opened_factor(unlocked)
+                    slot = new_password_slot(
+                        vault_uuid, index, new_master, new_password, factor, params, old.label
+                    )
                 else:
                     assert unlocked.token is not None and unlocked.share is not None
                     assert new_password is not None and old.kdf is not None
@@ -302,15 +316,17 @@ def rekey(
             token_spec=unlock.token_spec,
             ask_password=ask_password,
             ask_recovery_key=ask_recovery_key if ask_recovery is not None else None,
+            ask_pin=unlock.pin_asker(),
         ) as unlocked:
-            if unlocked.token is not None:
+            by_token = unlocked.token is not None or unlocked.fido2 is not None
+            if by_token:
                 bar.finish()  # the prompt comes next, on the same terminal
                 kept.append(read_new_password(new_source, "New password: ", what="new password"))
                 if kept[0].equals(kept[-1]):
                     raise UsageError("the new password is the old one: rekey needs a new password")
             bar.phase("re-encrypting every block")
             written, stats, dropped, unfinished = _rekey(
-                container, fd, unlocked, kept[-1] if unlocked.token is not None else None,
+                container, fd, unlocked, kept[-1] if by_token else None,
                 kdf_time_ms, kdf_memory_mib, bar,
             )  # fmt: skip
             index = unlocked.slot
@@ -328,6 +344,11 @@ def rekey(
             f"kept slot {index} (re-wrapped under the new key with a new token share on "
             f"{unlocked.token.identity.describe()} and the new password)"
         )
+    elif unlocked.fido2 is not None:
+        click.echo(
+            f"kept slot {index} (re-wrapped under the new key with the same {unlocked.fido2.describe()} "
+            "and the new password)"
+        )
     else:
         click.echo(f"kept slot {index} (re-wrapped under the new key)")
     for i, s in dropped:
@@ -337,7 +358,9 @@ def rekey(
         click.echo(
             "re-add backup tokens and recovery keys: 'kryptvault token add', 'kryptvault recovery-key add'"
         )
-    if unlocked.token is None and any(s.kind == KIND_TOKEN_PASSWORD for _i, s in dropped):
+    if unlocked.token is None and unlocked.fido2 is None and any(
+        s.kind == KIND_TOKEN_PASSWORD for _i, s in dropped
+    ):
         click.echo(
             "note: no token+password slot is left; add a token with "
             "'kryptvault token add CONTAINER --new-token T --recovery'"

@@ -106,6 +106,7 @@ _SCRIPTED_OPTIONS = {
     "password": "--password-fd N or --password-file PATH",
     "new password": "--new-password-fd N or --new-password-file PATH",
     "recovery key": "--recovery-key-file PATH",
+    "PIN": "--pin-file PATH",
 }
 
 

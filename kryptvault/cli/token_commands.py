@@ -2,39 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
-import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from kryptvault.cli.app import cli
+from kryptvault.cli.fido2_support import enrol_factor, pick_authenticator, reopen
 from kryptvault.cli.options import (
     UnlockArgs,
     container_argument,
     pass_unlock_args,
     password_options,
     password_source,
+    pin_option,
     recovery_options,
     token_option,
 )
 from kryptvault.cli.output import say
 from kryptvault.cli.secrets_input import read_new_password, read_secret
+from kryptvault.cli.unit_files import default_units_dir, install_user_units
 from kryptvault.cli.vault_commands import kdf_options, rewrite_header
 from kryptvault.container.header import KIND_TOKEN_PASSWORD, Header, Keyslot
 from kryptvault.container.keyslots import new_password_slot
 from kryptvault.container.vault import free_slot_index, read_container_header, replace_slot
 from kryptvault.crypto.kdf import calibrate
+from kryptvault.crypto.kdf_params import Argon2Params
 from kryptvault.crypto.secret import Secret, harden_process
 from kryptvault.errors import AuthenticationError, KryptvaultError, TokenError, UsageError
-from kryptvault.session.unlock import slot_identities, token_factor, unlock_container
+from kryptvault.session.unlock import (
+    Unlocked,
+    fido2_identities,
+    slot_identities,
+    token_factor,
+    unlock_container,
+)
 from kryptvault.token.base import Token, TokenIdentity, printable
 from kryptvault.token.dirtoken import DirectoryToken
 from kryptvault.token.discover import discover_usb_sticks
+from kryptvault.token.fido2key import Fido2Identity, is_fido2_spec, list_authenticators
 from kryptvault.token.resolve import mount_hint, resolve_token
 from kryptvault.token.share import SHARE_DIR_NAME, SUFFIX, Share, list_share_uuids, share_path
 from kryptvault.token.udev import render_rules, unit_instance
@@ -47,8 +59,16 @@ def token() -> None:
 
 @token.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def token_list(as_json: bool) -> None:
-    """List plugged USB sticks and the vaults each one is registered for."""
+@click.option(
+    "--vault",
+    "vaults_to_check",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="CONTAINER",
+    help="Also say which plugged FIDO2 keys hold a credential of this vault (no touch needed).",
+)
+def token_list(as_json: bool, vaults_to_check: tuple[Path, ...]) -> None:
+    """List plugged USB sticks and FIDO2 security keys, and the vaults each one opens."""
     records: list[dict[str, object]] = []
     lines: list[str] = []
     for stick in discover_usb_sticks():
@@ -77,6 +97,7 @@ def token_list(as_json: bool) -> None:
         lines.append(f"  registered for: {', '.join(sorted(vaults)) or 'no vault'}")
         records.append(
             {
+                "kind": "usb",
                 "vendor_id": f"{stick.vendor_id:04x}",
                 "product_id": f"{stick.product_id:04x}",
                 "serial": stick.serial,
@@ -86,10 +107,48 @@ def token_list(as_json: bool) -> None:
                 "vaults": sorted(vaults),
             }
         )
+    _list_fido2(vaults_to_check, records, lines)
     if as_json:
         click.echo(json.dumps(records, indent=2))
     else:
-        click.echo("\n".join(lines) if lines else "no USB stick is plugged in")
+        click.echo("\n".join(lines) if lines else "no USB stick or FIDO2 security key is plugged in")
+
+
+def _list_fido2(containers: tuple[Path, ...], records: list[dict[str, object]], lines: list[str]) -> None:
+    """The plugged FIDO2 keys; for each vault given, whether a key holds one of its
+    credentials (an assertion without user presence: no touch, no PIN)."""
+    known = []
+    for container in containers:
+        header = read_container_header(container).header
+        known.append((str(header.vault_uuid), list(fido2_identities(header).values())))
+    try:
+        authenticators = list_authenticators()
+    except TokenError as exc:
+        lines.append(f"FIDO2 security keys: {exc}")
+        return
+    for auth in authenticators:
+        problem = None
+        try:
+            opens = sorted(vault for vault, identities in known if any(auth.holds(i) for i in identities))
+        except TokenError as exc:
+            opens, problem = [], str(exc)
+        lines.append(f"FIDO2 key {auth.describe()}")
+        if problem is not None:
+            lines.append(f"  {problem}")
+        elif containers:
+            lines.append(f"  holds a credential of: {', '.join(opens) or 'none of the vaults given'}")
+        records.append(
+            {
+                "kind": "fido2",
+                "path": auth.path,
+                "vendor_id": f"{auth.vendor_id:04x}" if auth.vendor_id is not None else None,
+                "product_id": f"{auth.product_id:04x}" if auth.product_id is not None else None,
+                "product": auth.product,
+                "serial": None,
+                "vaults": opens,
+                "error": problem,
+            }
+        )
 
 
 def _registrations_in(share_dir: Path) -> list[object]:
@@ -117,6 +176,7 @@ def _registrations_in(share_dir: Path) -> list[object]:
 @kdf_options
 @click.option("--label", default="backup token", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@pin_option
 def token_add(
     container: Path,
     new_token: str | None,
@@ -131,8 +191,12 @@ def token_add(
     kdf_memory_mib: int | None,
     label: str,
     as_json: bool,
+    pin_file: Path | None,
 ) -> None:
     """Enrol another token (--new-token) as its own keyslot.
+
+    --new-token fido2 enrols a FIDO2 security key (the plugged one that is not yet
+    enrolled, or fido2:/dev/hidrawN): touch it twice, and give its PIN if it has one.
 
     The vault is opened as every command opens it: with --token (a token already
     registered; default: the plugged one) and the password; the new slot gets the same
@@ -148,9 +212,14 @@ def token_add(
         password_file=password_file,
         recovery=recovery,
         recovery_key_file=recovery_key_file,
+        pin_file=pin_file,
     )
     harden_process()
     header = read_container_header(container).header
+    if is_fido2_spec(new_token):
+        _token_add_fido2(container, header, new_token, unlock, ask_new_password,
+                         kdf_time_ms, kdf_memory_mib, label, as_json)
+        return
     target = _resolve_new_token(new_token, header.vault_uuid)
     if any(
         ident.matches(target.identity) and ident.kind != "dir" for ident in slot_identities(header).values()
@@ -162,34 +231,14 @@ def token_add(
             f"{target.share_dir} already holds a share file of this vault (it is a token of it; "
             "if that token was revoked, delete the file first)"
         )
-    source = unlock.password_source()
-    ask_recovery = unlock.recovery_asker()
-    if ask_recovery is not None:
-        password = read_new_password(source, "Password for the new token: ")
-    else:
-        password = read_secret(source, "Password: ")
-    with (
-        password,
-        unlock_container(
-            container, token_spec=unlock.token_spec, ask_password=password.copy, ask_recovery_key=ask_recovery
-        ) as unlocked,
-    ):
+    with _opened_for_new_slot(container, unlock, "token") as (unlocked, password):
         if unlocked.token is not None and unlocked.token.share_dir == target.share_dir:
             raise UsageError(
                 "the --new-token is the token that opened the vault; plug in the other stick "
                 "(--token names the registered token, --new-token the one to enrol)"
             )
-        index = free_slot_index(unlocked.header)
-        old = unlocked.header.slots[unlocked.slot]
-        params = (
-            old.kdf
-            if old is not None and old.kdf and kdf_time_ms is None and kdf_memory_mib is None
-            else calibrate((kdf_time_ms or 1000) / 1000, kdf_memory_mib * 1024 if kdf_memory_mib else None)
-        )
-        new_password = (
-            read_new_password(password_source(None, None), "Password for the new token: ")
-            if ask_new_password and ask_recovery is None
-            else password.copy()
+        index, params, new_password = _new_slot_inputs(
+            unlocked, unlock, password, ask_new_password, kdf_time_ms, kdf_memory_mib, "token"
         )
         share = Share.generate(unlocked.vault_uuid, unlocked.share.generation if unlocked.share else 0)
         try:
@@ -197,7 +246,6 @@ def token_add(
             try:
                 factor = token_factor(target, share)
                 with factor.secret, new_password:
-                    assert params is not None
                     slot = new_password_slot(
                         unlocked.vault_uuid, index, unlocked.master, new_password, factor, params, label
                     )
@@ -220,6 +268,92 @@ def token_add(
         click.echo(json.dumps(record))
         return
     say(f"token {target.identity.describe()} added as slot {index}")
+
+
+@contextlib.contextmanager
+def _opened_for_new_slot(
+    container: Path, unlock: UnlockArgs, what: str
+) -> Iterator[tuple[Unlocked, Secret]]:
+    """The vault opened to add a slot, and the password typed for it: opening with the
+    recovery key asks the new slot's password (twice) instead of the current one."""
+    source = unlock.password_source()
+    if unlock.recovery_asker() is not None:
+        password = read_new_password(source, f"Password for the new {what}: ")
+    else:
+        password = read_secret(source, "Password: ")
+    with (
+        password,
+        unlock_container(
+            container, token_spec=unlock.token_spec, ask_password=password.copy,
+            ask_recovery_key=unlock.recovery_asker(), ask_pin=unlock.pin_asker(),
+        ) as unlocked,
+    ):
+        yield unlocked, password
+
+
+def _new_slot_inputs(
+    unlocked: Unlocked,
+    unlock: UnlockArgs,
+    password: Secret,
+    ask_new_password: bool,
+    kdf_time_ms: int | None,
+    kdf_memory_mib: int | None,
+    what: str,
+) -> tuple[int, Argon2Params, Secret]:
+    """(free slot, KDF parameters, the new slot's password): the opening slot's KDF cost
+    unless one was asked for; the password typed to open, unless a new one is wanted."""
+    index = free_slot_index(unlocked.header)
+    old = unlocked.header.slots[unlocked.slot]
+    params = (
+        old.kdf
+        if old is not None and old.kdf and kdf_time_ms is None and kdf_memory_mib is None
+        else calibrate((kdf_time_ms or 1000) / 1000, kdf_memory_mib * 1024 if kdf_memory_mib else None)
+    )
+    new_password = (
+        read_new_password(password_source(None, None), f"Password for the new {what}: ")
+        if ask_new_password and unlock.recovery_asker() is None
+        else password.copy()
+    )
+    return index, params, new_password
+
+
+def _token_add_fido2(
+    container: Path,
+    header: Header,
+    spec: str,
+    unlock: UnlockArgs,
+    ask_new_password: bool,
+    kdf_time_ms: int | None,
+    kdf_memory_mib: int | None,
+    label: str,
+    as_json: bool,
+) -> None:
+    """Enrol a FIDO2 key: pick it (not one already enrolled) before any password, open
+    the vault as usual, then make the credential and seal the new slot with its secret."""
+    auth = pick_authenticator(spec, fido2_identities(header).values())
+    # Closed while the unlock lists (and talks to) every plugged key, then found again.
+    auth.close()
+    with _opened_for_new_slot(container, unlock, "security key") as (unlocked, password):
+        index, params, new_password = _new_slot_inputs(
+            unlocked, unlock, password, ask_new_password, kdf_time_ms, kdf_memory_mib, "security key"
+        )
+        auth = reopen(auth)
+        with new_password:
+            factor = enrol_factor(auth, label, unlock.pin_asker())
+            with factor.secret:
+                slot = new_password_slot(
+                    unlocked.vault_uuid, index, unlocked.master, new_password, factor, params, label
+                )
+        rewrite_header(unlocked, replace_slot(unlocked.header, index, slot))
+        vault_uuid = unlocked.vault_uuid
+    described = Fido2Identity.decode(slot.token_identity).describe()
+    if as_json:
+        click.echo(json.dumps({
+            "vault": str(vault_uuid), "container": str(container), "slot": index,
+            "token": described, "authenticator": auth.describe(), "label": label,
+        }))
+        return
+    say(f"security key {auth.describe()} added as slot {index} ({described})")
 
 
 def _token_add_specs(
@@ -278,6 +412,7 @@ def _directory_token(which: str) -> DirectoryToken | None:
 @click.argument("which", metavar="SLOT|SERIAL|PATH")
 @token_option()
 @password_options
+@pin_option
 @recovery_options
 @pass_unlock_args()
 @click.option("--force", is_flag=True, help="Allow removing the last way into the vault.")
@@ -322,17 +457,24 @@ def token_remove(
             token_spec=spec,
             ask_password=password.copy if password is not None else unlock.password_asker(),
             ask_recovery_key=ask_recovery,
+            ask_pin=unlock.pin_asker(),
         ) as unlocked:
             if index is None:
                 index = unlocked.slot
             slot = _check_token_slot(unlocked.header, index, which)
             rewrite_header(unlocked, replace_slot(unlocked.header, index, None))
-            revoked = TokenIdentity.decode(slot.token_identity)
-            deleted, kept = _delete_revoked_share(revoked, directory, unlocked.vault_uuid)
+            deleted, kept = None, None
+            if Fido2Identity.recorded(slot.token_identity):
+                # Nothing to delete: the credential lives in the key, useless without the slot.
+                revoked_name = Fido2Identity.decode(slot.token_identity).describe()
+            else:
+                revoked = TokenIdentity.decode(slot.token_identity)
+                revoked_name = revoked.describe()
+                deleted, kept = _delete_revoked_share(revoked, directory, unlocked.vault_uuid)
     finally:
         if password is not None:
             password.wipe()
-    say(f"slot {index} ({revoked.describe()}) removed: that token no longer opens this container.")
+    say(f"slot {index} ({revoked_name}) removed: that token no longer opens this container.")
     if deleted is not None:
         say(f"deleted its share file {deleted}")
     elif kept is not None:
@@ -413,24 +555,19 @@ def _delete_revoked_share(
 def token_udev(containers: tuple[Path, ...], rules_dir: Path, units_dir: Path | None, dry_run: bool) -> None:
     """Render udev rules (uaccess + lock on removal) for the tokens of CONTAINERS and reload udev."""
     entries = []
+    fido2 = False
     for container in containers:
         header = read_container_header(container).header
         entries += [(ident, header.vault_uuid) for ident in slot_identities(header).values()]
-    rules = render_rules(entries)
+        fido2 = fido2 or bool(fido2_identities(header))
+    rules = render_rules(entries, fido2=fido2)
     if dry_run:
         click.echo(rules, nl=False)
         return
     rules_path = rules_dir / "70-kryptvault.rules"
     _atomic_write(rules_path, rules)
-    units = units_dir or Path.home() / ".config" / "systemd" / "user"
-    units.mkdir(parents=True, exist_ok=True)
-    executable = shutil.which("kryptvault") or str(Path(sys.executable).parent / "kryptvault")
-    template_dir = Path(__file__).resolve().parents[2] / "udev"
-    for name in ("kryptvault-guard@.service", "kryptvault-lock@.service"):
-        text = (template_dir / name).read_text() if (template_dir / name).exists() else ""
-        if not text:
-            raise KryptvaultError(f"the unit template {name} is missing from this installation")
-        _atomic_write(units / name, text.replace("ExecStart=kryptvault ", f"ExecStart={executable} "))
+    units = units_dir or default_units_dir()
+    install_user_units(units)
     if shutil.which("udevadm"):
         subprocess.run(["udevadm", "control", "--reload"], check=False)
     click.echo(f"wrote {rules_path} and the units in {units}")

@@ -14,18 +14,20 @@ import click
 
 from kryptvault.cli import output
 from kryptvault.cli.app import cli
+from kryptvault.cli.fido2_support import enrol_factor, is_fido2_spec, pick_authenticator, pin_asker
 from kryptvault.cli.options import (
     UnlockArgs,
     container_argument,
     pass_unlock_args,
     password_options,
     password_source,
+    pin_option,
     token_option,
     unlock_options,
 )
 from kryptvault.cli.output import detail, say
 from kryptvault.cli.progress import Progress
-from kryptvault.cli.secrets_input import read_new_password, show_secret
+from kryptvault.cli.secrets_input import SecretSource, read_new_password, show_secret
 from kryptvault.container.header import KIND_TOKEN_PASSWORD, Header, Keyslot, header_unchanged
 from kryptvault.container.keyslots import (
     format_recovery_key,
@@ -47,8 +49,9 @@ from kryptvault.crypto.kdf_params import MIN_MEMORY_KIB, Argon2Params
 from kryptvault.crypto.secret import Secret, harden_process
 from kryptvault.errors import KryptvaultError, UsageError
 from kryptvault.session.mkfs import initialise_filesystem
-from kryptvault.session.unlock import Unlocked, token_factor, unlock_container
+from kryptvault.session.unlock import Unlocked, opened_factor, token_factor, unlock_container
 from kryptvault.token.base import TokenIdentity
+from kryptvault.token.fido2key import Fido2Identity
 from kryptvault.token.resolve import resolve_token
 from kryptvault.token.share import Share
 
@@ -86,12 +89,17 @@ def unlock_for_change(
         ask_password = _then_phase(ask_password, progress)
         ask_recovery = _then_phase(ask_recovery, progress) if ask_recovery is not None else None
     unlocked = unlock_container(
-        container, token_spec=unlock.token_spec, ask_password=ask_password, ask_recovery_key=ask_recovery
+        container, token_spec=unlock.token_spec, ask_password=ask_password, ask_recovery_key=ask_recovery,
+        ask_pin=unlock.pin_asker(),
     )
     if output.current.verbose:
         if progress is not None:
             progress.finish()
-        how = unlocked.token.identity.describe() if unlocked.token is not None else "the recovery key"
+        how = (
+            unlocked.token.identity.describe() if unlocked.token is not None
+            else unlocked.fido2.describe() if unlocked.fido2 is not None
+            else "the recovery key"
+        )
         detail(f"opened keyslot {unlocked.slot} of vault {unlocked.vault_uuid} with {how}")
     return unlocked
 
@@ -120,6 +128,7 @@ def _remove_share_quietly(token_share_dir: Path, vault_uuid: uuid.UUID) -> None:
 @click.option("--label", default="primary", show_default=True, help="A name for the first keyslot.")
 @click.option("--force", is_flag=True, help="Overwrite an existing container file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@pin_option
 def init(
     container: Path,
     token_spec: str | None,
@@ -130,15 +139,22 @@ def init(
     label: str,
     force: bool,
     as_json: bool,
+    pin_file: Path | None,
 ) -> None:
     """Create a new vault in CONTAINER, opened by your password and the token.
 
     Asks for the password twice, calibrates Argon2id to about one second here, writes
-    the token's share file, and prints the vault UUID.
+    the token's share file, and prints the vault UUID. With --token fido2 the token is
+    a FIDO2 security key: touch it twice (make the credential, derive the key).
     """
     harden_process()
     if container.exists() and not force:
         raise UsageError(f"{container} already exists (use --force to overwrite it)")
+    if is_fido2_spec(token_spec):
+        assert token_spec is not None
+        _init_fido2(container, token_spec, password_source(password_fd, password_file),
+                    kdf_time_ms, kdf_memory_mib, label, force, as_json, pin_file)
+        return
     token = resolve_token(token_spec or "auto")
     vault_uuid = uuid.uuid4()
     password = read_new_password(password_source(password_fd, password_file))
@@ -187,6 +203,50 @@ def init(
     say(f"Argon2id: t={params.time_cost} m={params.memory_kib // 1024} MiB p={params.parallelism}")
 
 
+def _init_fido2(
+    container: Path,
+    spec: str,
+    source: SecretSource,
+    kdf_time_ms: int | None,
+    kdf_memory_mib: int | None,
+    label: str,
+    force: bool,
+    as_json: bool,
+    pin_file: Path | None,
+) -> None:
+    auth = pick_authenticator(spec)
+    vault_uuid = uuid.uuid4()
+    password = read_new_password(source)
+    with password, Progress("init", not as_json) as bar:
+        bar.phase("calibrating Argon2id on this machine")
+        params = choose_kdf(kdf_time_ms, kdf_memory_mib)
+        bar.phase("waiting for the security key")
+        factor = enrol_factor(auth, label, pin_asker(pin_file))
+        identity = Fido2Identity.decode(factor.identity)
+
+        def first_slot(vid: uuid.UUID, master: Secret) -> Keyslot:
+            bar.phase("deriving the key from the password (Argon2id)")
+            slot = new_password_slot(vid, 0, master, password, factor, params, label)
+            bar.phase("writing the container")
+            return slot
+
+        with factor.secret:
+            create_container(container, first_slot, initialise_filesystem, force=force, vault_uuid=vault_uuid)
+    if as_json:
+        click.echo(json.dumps({
+            "vault": str(vault_uuid),
+            "container": str(container.absolute()),
+            "token": identity.describe(),
+            "authenticator": auth.describe(),
+            "kdf": {"algorithm": "argon2id", "time_cost": params.time_cost,
+                    "memory_kib": params.memory_kib, "parallelism": params.parallelism},
+        }))
+        return
+    click.echo(f"created vault {vault_uuid} in {container}")
+    say(f"token: {identity.describe()} on {auth.describe()}")
+    say(f"Argon2id: t={params.time_cost} m={params.memory_kib // 1024} MiB p={params.parallelism}")
+
+
 def _slot_record(index: int, slot: Keyslot) -> dict[str, object]:
     record: dict[str, object] = {
         "slot": index,
@@ -203,7 +263,11 @@ def _slot_record(index: int, slot: Keyslot) -> dict[str, object]:
         }
     if slot.kind == KIND_TOKEN_PASSWORD:
         try:
-            record["token"] = TokenIdentity.decode(slot.token_identity).describe()
+            record["token"] = (
+                Fido2Identity.decode(slot.token_identity).describe()
+                if Fido2Identity.recorded(slot.token_identity)
+                else TokenIdentity.decode(slot.token_identity).describe()
+            )
         except KryptvaultError:
             record["token"] = "(unreadable identity)"  # noqa: S105
     return record
@@ -282,6 +346,7 @@ def rewrite_header(unlocked: Unlocked, header: Header) -> Header:
 @container_argument
 @token_option()
 @password_options
+@pin_option
 @pass_unlock_args()
 @click.option("--new-password-fd", type=int, metavar="N", help="Read the new password from fd N.")
 @click.option(
@@ -302,7 +367,6 @@ def passwd(
 ) -> None:
     """Change the password of one token+password keyslot (no data is re-encrypted)."""
     with unlock_for_change(container, unlock, prompt="Current password: ") as unlocked:
-        assert unlocked.token is not None and unlocked.share is not None
         index = unlocked.slot if slot_index is None else slot_index
         if index != unlocked.slot:
             raise UsageError(f"the password and token given open slot {unlocked.slot}, not slot {index}")
@@ -316,7 +380,7 @@ def passwd(
         assert params is not None
         new_source = password_source(new_password_fd, new_password_file)
         with read_new_password(new_source, "New password: ", what="new password") as new_password:
-            factor = token_factor(unlocked.token, unlocked.share)
+            factor = opened_factor(unlocked)
             with factor.secret:
                 slot = new_password_slot(
                     unlocked.vault_uuid, index, unlocked.master, new_password, factor, params, old.label

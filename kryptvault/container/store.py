@@ -1394,13 +1394,24 @@ class ObjectStore:
             raise ValueError(f"stream must be 0 or 1, not {stream}")
         if not 0 < oid < len(self._inuse) or not self._inuse[oid]:
             raise UnknownObject(f"object {oid} is not in use")
-        raw = self._read_from(self._table, oid * fmt.ENTRY_SIZE + fmt.ROOT_OFFSETS[stream], fmt.ROOT_SIZE)
-        size, depth, root = fmt.unpack_root(raw)
-        if depth > self._max_depth:
-            raise BlockIntegrityError(oid, stream, depth, 0, f"stream root has depth {depth}")
-        s = _Stream(oid, stream, size, depth, root)
-        self._streams[key] = s
-        return s
+        # Both roots in one read of the entry: a stat asks for both streams' sizes.
+        raw = self._read_from(self._table, oid * fmt.ENTRY_SIZE, fmt.ATTR_OFFSET)
+        found: _Stream | None = None
+        for number, offset in enumerate(fmt.ROOT_OFFSETS):
+            other = (oid, number)
+            if number != stream and other in self._streams:
+                continue
+            size, depth, root = fmt.unpack_root(raw, offset)
+            if depth > self._max_depth:
+                if number != stream:
+                    continue  # reported when that stream is asked for
+                raise BlockIntegrityError(oid, stream, depth, 0, f"stream root has depth {depth}")
+            loaded = _Stream(oid, number, size, depth, root)
+            self._streams[other] = loaded
+            if number == stream:
+                found = loaded
+        assert found is not None
+        return found
 
     def _check_oid(self, oid: int) -> None:
         if not 0 < oid < len(self._inuse) or not self._inuse[oid]:

@@ -8,8 +8,8 @@ import os
 class FsError(OSError):
     """A filesystem operation failed with `errno`; the FUSE adapter returns -errno to the kernel.
 
-    It is an OSError so that mfusepy's wrapper turns it into the reply without a translation
-    step; `detail` is for logs and never contains file contents or keys.
+    It is an OSError so that the FUSE server answers any OSError the same way (its errno);
+    `detail` is for logs and never contains file contents or keys.
     """
 
     def __init__(self, err: int, detail: str | None = None) -> None:

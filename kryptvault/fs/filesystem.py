@@ -160,10 +160,11 @@ class Filesystem:
         self._dirty: set[int] = set()
         self._dirs: dict[int, Directory] = {}
         self._handles: dict[int, Handle] = {}
-        # Names of unlinked-but-open files that libfuse still uses ("hidden" files, see
-        # hide()): parent ino -> {name: ino}. In memory only; never listed by readdir.
-        self._hidden: dict[int, dict[bytes, int]] = {}
         self._open_dirs: dict[int, int] = {}  # directory ino -> open readdir streams
+        # Times each inode number was freed while this filesystem was open: a number the
+        # store hands out again is a new file, and the FUSE kernel side must not take it
+        # for the old one (its cached pages and attributes): see generation().
+        self._freed: dict[int, int] = {}
         self._next_fh = 1
         self._dirty_since: float | None = None
         self.commits = 0
@@ -370,6 +371,7 @@ class Filesystem:
 
     def _free(self, node: Inode) -> None:
         oid = node.oid
+        self._freed[oid] = self._freed.get(oid, 0) + 1
         self._inodes.pop(oid, None)
         self._dirs.pop(oid, None)
         self._dirty.discard(oid)
@@ -514,9 +516,6 @@ class Filesystem:
                 return node.parent or ROOT_INO
             entry = d.get(name)
             if entry is None:
-                hidden = self._hidden.get(parent)
-                if hidden is not None and name in hidden:
-                    return hidden[name]
                 if len(name) > NAME_MAX:
                     raise FsError(errno.ENAMETOOLONG)
                 raise FsError(errno.ENOENT)
@@ -539,10 +538,6 @@ class Filesystem:
                     if name == b"..":
                         ino = self._get(ino).parent or ROOT_INO
                         continue
-                    hidden = self._hidden.get(ino)
-                    if hidden is not None and name in hidden:
-                        ino = hidden[name]
-                        continue
                     raise FsError(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
                 ino = entry[0]
             return ino
@@ -557,6 +552,11 @@ class Filesystem:
     def getattr(self, ino: int) -> Stat:
         with self._lock:
             return self._stat(self._get(ino))
+
+    def generation(self, ino: int) -> int:
+        """How often `ino` was freed since this filesystem opened: (ino, generation) names
+        one file for the whole session even when the store reuses the number."""
+        return self._freed.get(ino, 0)
 
     def readdir(self, ino: int) -> list[tuple[bytes, int, int]]:
         """[(name, ino, S_IFMT bits)] including "." and ".."."""
@@ -781,12 +781,6 @@ class Filesystem:
             pnode, d = self._dirnode(parent)
             entry = d.get(name)
             if entry is None:
-                hidden = self._hidden.get(parent)
-                if hidden is not None and name in hidden:
-                    del hidden[name]  # libfuse's final unlink of a hidden file
-                    if not hidden:
-                        del self._hidden[parent]
-                    return
                 check_name(name)
                 raise FsError(errno.ENOENT)
             self._drop_name(pnode, d, name, entry[0])
@@ -825,28 +819,7 @@ class Filesystem:
             pnode.mtime_ns = pnode.ctime_ns = self._now()
             pnode.nlink -= 1
             self._touch(pnode)
-            self._hidden.pop(node.oid, None)
             self._drop_link(node)
-
-    def hide(self, parent: int, name: bytes, hidden_name: bytes) -> None:
-        """Unlink `name` but keep answering to `hidden_name` until libfuse unlinks that.
-
-        libfuse's path API renames a file that is unlinked while open to a hidden name
-        (".fuse_hidden...") so that later calls on the open file still have a path (fstat,
-        for one, reaches the filesystem only by path). Here that rename is an unlink: the
-        file loses its name and link count at once (and is freed on its last release or,
-        after a crash, as an orphan on the next mount), and the hidden name lives only in
-        memory, invisible to readdir and to rmdir's emptiness check.
-        """
-        with self._lock:
-            self._allow(1, freeing=True)
-            check_name(hidden_name)
-            pnode, d = self._dirnode(parent)
-            entry = d.get(name)
-            if entry is None:
-                raise FsError(errno.ENOENT)
-            node = self._drop_name(pnode, d, name, entry[0])
-            self._hidden.setdefault(parent, {})[hidden_name] = node.oid
 
     def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
@@ -1182,6 +1155,28 @@ class Filesystem:
             self._touch(node)
             return self._stat(node)
 
+    def kill_suidgid(self, ino: int, in_group: Callable[[int], bool]) -> bool:
+        """What a write or truncate by a caller without CAP_FSETID does to a regular file,
+        as the VFS does (setattr_should_drop_suidgid; the FUSE layer negotiates
+        HANDLE_KILLPRIV_V2, so the kernel leaves this to the filesystem): clear set-uid;
+        clear set-gid when group-execute is set or the caller is not in the file's group
+        (`in_group(gid)`, asked only then). True if the mode changed."""
+        with self._lock:
+            node = self._get(ino)
+            if not node.is_reg:
+                return False
+            kill = stat.S_ISUID
+            if node.mode & stat.S_ISGID and (
+                node.mode & stat.S_IXGRP or not in_group(node.gid)
+            ):
+                kill |= stat.S_ISGID
+            if node.mode & kill:
+                node.mode &= ~kill
+                node.ctime_ns = self._now()
+                self._touch(node)
+                return True
+            return False
+
     def utimens(self, ino: int, atime_ns: int = UTIME_NOW, mtime_ns: int = UTIME_NOW) -> Stat:
         """Set times in ns; UTIME_NOW / UTIME_OMIT as in utimensat(2)."""
         with self._lock:
@@ -1373,6 +1368,12 @@ class Filesystem:
 
     def open_handles(self) -> int:
         return len(self._handles)
+
+    def spare_room(self) -> int:
+        """Bytes later changes could still take before ENOSPC: the room for commits less
+        what committing everything accepted so far needs."""
+        with self._lock:
+            return self.store.room() - self.store.commit_need(len(self._dirty))
 
     # ------------------------------------------------------------------ locking the vault
     def seal(self) -> None:

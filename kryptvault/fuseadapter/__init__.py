@@ -1,6 +1,6 @@
-"""The mfusepy (libfuse3) adapter that mounts a kryptvault Filesystem."""
+"""The FUSE adapter: the kernel protocol on /dev/fuse, serving a kryptvault Filesystem."""
 
 from kryptvault.fuseadapter.mount import serve
-from kryptvault.fuseadapter.operations import KryptvaultOperations
+from kryptvault.fuseadapter.server import FuseServer
 
-__all__ = ["KryptvaultOperations", "serve"]
+__all__ = ["FuseServer", "serve"]

@@ -1,15 +1,18 @@
-"""Serve a kryptvault Filesystem on a mountpoint with libfuse3 (blocks until unmounted)."""
+"""Serve a kryptvault Filesystem on a mountpoint (blocks until unmounted)."""
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Callable, Mapping
 
 from kryptvault.fs import Filesystem
-from kryptvault.fuseadapter._mfusepy import KvFUSE
-from kryptvault.fuseadapter.operations import KryptvaultOperations
+from kryptvault.fuseadapter.server import FuseServer, mount_options
 
 log = logging.getLogger("kryptvault.fuse")
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def serve(
@@ -20,68 +23,67 @@ def serve(
     allow_other: bool = False,
     fsname: str = "vault",
     extra_options: Mapping[str, str | int | bool] | None = None,
-    writeback: bool = False,
-    keep_cache: bool = True,
-    attr_timeout: float = 1.0,
-    entry_timeout: float = 1.0,
-    negative_timeout: float = 1.0,
+    writeback: bool = True,
+    attr_timeout: float = 3600.0,
+    entry_timeout: float = 3600.0,
+    negative_timeout: float = 3600.0,
     commit_delay: float | None = 5.0,
     on_ready: Callable[[], None] | None = None,
-    on_operations: Callable[[KryptvaultOperations], None] | None = None,
-    threads: bool = False,
+    on_operations: Callable[[FuseServer], None] | None = None,
+    threads: bool | int = 1,
     debug: bool = False,
+    handle_signals: bool = True,
 ) -> None:
     """Mount `filesystem` on `mountpoint` and serve requests until it is unmounted
-    (`fusermount3 -u`, `umount2`, or SIGINT/SIGTERM/SIGHUP to this process).
+    (`fusermount3 -u`, `umount2`, or SIGINT/SIGTERM/SIGHUP when called on the main thread,
+    which unmount lazily).
 
-    Always runs in the foreground: libfuse's daemonising forks, which is unsafe for a
-    Python process with threads; run `serve` in a child process instead. `mount`/`df`
-    show the source as ``kryptvault:<fsname>`` and the type as ``fuse.kryptvault``.
-    The kernel checks permissions (`default_permissions`); without `allow_other` only
-    the mounting user sees the files. `commit_delay` runs a CommitScheduler for the
-    mount's lifetime (None if the caller commits itself); `destroy` commits on unmount.
+    Always in the foreground (`foreground=False` is refused): run it in a child process.
+    `mount`/`df` show the source as ``kryptvault:<fsname>`` and the type as
+    ``fuse.kryptvault``. The kernel checks permissions (`default_permissions`); without
+    `allow_other` only the mounting user sees the files. `commit_delay` runs a
+    CommitScheduler (None if the caller commits itself); an unmount commits what is left.
     `on_ready` is called once the kernel has initialised the mount; `on_operations` gets
-    the operations object before mounting (the lock sequence uses it to drop cached pages).
+    the server before mounting (the lock uses it to write back and drop cached pages).
 
-    `writeback` turns on the kernel's writeback cache: random small writes get ~2-3x
-    faster, but it is off by default because (1) the kernel then trusts its own file
-    size and mtime forever, and libfuse's path API gives each name of a hard-linked file
-    its own kernel inode, so a change through one name is never seen through another;
-    (2) dirty pages live in the kernel until written back, so a lock that seals the
-    filesystem without a syncfs() first drops data the application already wrote.
+    `writeback` (the default) turns on the kernel's writeback cache: writes land in the
+    page cache and reach the vault in large batches; close, fsync and the lock write them
+    back first, so what was accepted is still saved (see FuseServer.drain). Timeouts are
+    long because every change reaches the vault through this one kernel mount.
 
-    Attribute, entry and negative-entry timeouts of 1 s are safe because every change
-    reaches the vault through this kernel mount (names of hard-linked files excepted:
-    their other names are invalidated explicitly after a change).
-
-    Requests are served by one thread unless `threads`: with the GIL and one filesystem
-    lock, libfuse's worker threads only add hand-offs (single-threaded measured 20-90%
-    faster on every benchmark figure, and a lower RSS; see bench/run.py).
+    `handle_signals=False` leaves SIGINT/SIGTERM/SIGHUP to the caller (the mount session
+    turns them into a lock). `threads` request loops read the connection (True = 2); with the GIL and one
+    filesystem lock a second loop mostly helps when one request waits on the kernel.
     """
     if not foreground:
         raise ValueError("serve() runs in the foreground; start it in a child process")
-    ops = KryptvaultOperations(
+    if debug:
+        logging.getLogger("kryptvault.fuse").setLevel(logging.DEBUG)
+    loops = 2 if threads is True else max(1, int(threads))
+    server = FuseServer(
         filesystem,
+        mountpoint,
+        options=mount_options(fsname, allow_other=allow_other, extra=dict(extra_options or {})),
         writeback=writeback,
-        keep_cache=keep_cache,
         attr_timeout=attr_timeout,
         entry_timeout=entry_timeout,
         negative_timeout=negative_timeout,
         commit_delay=commit_delay,
+        threads=loops,
         on_ready=on_ready,
     )
     if on_operations is not None:
-        on_operations(ops)
-    options: dict[str, str | int | bool] = {
-        "fsname": f"kryptvault:{fsname}",
-        "subtype": "kryptvault",
-        "default_permissions": True,
-        "use_ino": True,
-    }
-    if allow_other:
-        options["allow_other"] = True
-    if not threads:
-        options["nothreads"] = True
-    if extra_options:
-        options.update(extra_options)
-    KvFUSE(ops, mountpoint, raw_fi=True, foreground=True, debug=debug, **options)
+        on_operations(server)
+    previous: dict[signal.Signals, object] = {}
+    if handle_signals and threading.current_thread() is threading.main_thread():
+
+        def stop(signum: int, frame: object) -> None:
+            threading.Thread(target=server.stop, name="kryptvault-unmount", daemon=True).start()
+
+        for sig in _STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, stop)
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]

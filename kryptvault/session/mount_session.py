@@ -29,10 +29,10 @@ from kryptvault.crypto.secret import Secret, harden_process
 from kryptvault.errors import IntegrityError, KryptvaultError
 from kryptvault.fs.filesystem import Filesystem
 from kryptvault.fuseadapter.mount import serve
-from kryptvault.fuseadapter.operations import KryptvaultOperations
+from kryptvault.fuseadapter.server import FuseServer
 from kryptvault.session import fusectl
 from kryptvault.session.audit import AuditLog, Scalar, make_entry
-from kryptvault.session.config import load_config
+from kryptvault.session.config import VaultPrefs, load_config, load_vault_prefs
 from kryptvault.session.control import (
     AfterReply,
     ControlServer,
@@ -41,6 +41,7 @@ from kryptvault.session.control import (
     container_instance,
     socket_path_for,
 )
+from kryptvault.session.desktop import Desktop
 from kryptvault.session.handoff import SessionSettings
 from kryptvault.session.lineages import remember_lineage
 from kryptvault.session.lock import COMMIT_HARD_LIMIT, LockOutcome, LockSequence, LockSteps
@@ -60,6 +61,9 @@ from kryptvault.watcher.watcher import TokenWatcher
 log = logging.getLogger("kryptvault.session")
 
 LOCK_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+# Writing back the kernel's dirty pages at a lock: bounded by the FUSE mount's strict
+# dirty limit, so normally milliseconds; past this the lock goes on (and says so).
+DRAIN_TIMEOUT = 10.0
 
 
 class MountSession:
@@ -83,7 +87,7 @@ class MountSession:
         self.token: Token | None = None
         self.watcher: TokenWatcher | None = None
         self.control: ControlServer | None = None
-        self.operations: KryptvaultOperations | None = None
+        self.operations: FuseServer | None = None
         self.connection: int | None = None
         self._holds: list[int] = []  # pids of the backups holding reuse
         self._holds_lock = threading.Lock()
@@ -113,6 +117,7 @@ class MountSession:
         self._record_lock = threading.Lock()
         self._recorded = 0  # the generation the token's record last got
         self._recorded_local = 0
+        self.desktop: Desktop | None = None  # D-Bus: sleep inhibitor, notifications
 
     # ------------------------------------------------------------------ start-up
     def open(self) -> None:
@@ -359,6 +364,7 @@ class MountSession:
                 extra_options={"ro": True} if self.settings.read_only else None,
                 on_ready=self._ready,
                 on_operations=self._set_operations,
+                handle_signals=False,
             )
         except Exception as exc:
             log.exception("FUSE failed")
@@ -369,13 +375,30 @@ class MountSession:
             time.sleep(COMMIT_HARD_LIMIT + 30)
         return 0
 
-    def _set_operations(self, operations: KryptvaultOperations) -> None:
+    def _set_operations(self, operations: FuseServer) -> None:
         self.operations = operations
 
     def _ready(self) -> None:
         # Learn the FUSE connection number now, off the FUSE thread, so the lock need not.
         threading.Thread(target=self._learn_connection, name="kryptvault-conn", daemon=True).start()
         self._report("ok")
+        self._start_desktop()
+
+    def _start_desktop(self) -> None:
+        try:
+            prefs = load_vault_prefs(self.vault_uuid, Path(self.settings.container)) or VaultPrefs()
+        except KryptvaultError as exc:
+            log.warning("desktop settings ignored: %s", exc)
+            prefs = VaultPrefs()
+        # A failing commit during the lock is the lock's own notification to report.
+        problem = lambda: None if self.lock.locked else self._save_problem()  # noqa: E731
+        try:
+            desktop = Desktop(self.vault_uuid.hex[:8], prefs, self.trigger_lock, problem)
+            desktop.start()
+        except Exception:  # a convenience: never a reason for the mount to fail
+            log.exception("the desktop links did not start")
+            return
+        self.desktop = desktop
 
     def _learn_connection(self) -> None:
         for _ in range(100):
@@ -525,8 +548,16 @@ class MountSession:
         return self.lock.trigger(reason, route)
 
     def _refuse(self) -> None:
+        timings = _Stopwatch(self.lock.outcome, "refuse")
+        if self.operations is not None:
+            # The writeback cache holds data that write(2) already accepted: have the
+            # kernel write it back (only that is served meanwhile) before the seal.
+            if not self.operations.drain(DRAIN_TIMEOUT):
+                log.error("the kernel's dirty pages were not all written back in %.0f s", DRAIN_TIMEOUT)
+            timings.lap("drain")
         if self.fs is not None:
             self.fs.seal()
+        timings.lap("seal")
 
     def _needs_commit(self) -> bool:
         return self.fs is not None and self.fs.has_unsaved_changes()
@@ -630,6 +661,12 @@ class MountSession:
         log.info("lock steps (ms): %s", outcome.describe_steps())
         if self.backup_after_lock:
             self._start_backup_after_lock()
+        if self.desktop is not None:
+            # After the commit and the audit entry: only now may the machine sleep.
+            with contextlib.suppress(Exception):  # nothing may stand between the lock and exit
+                self.desktop.notify_locked(outcome.reason, outcome.commit_error)
+            with contextlib.suppress(Exception):
+                self.desktop.release()
         logging.shutdown()
         # Ending the key-holding process is the only certain wipe (AESGCM keeps key copies).
         os._exit(1 if outcome.commit_error else 0)

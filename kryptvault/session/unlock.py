@@ -27,6 +27,14 @@ from kryptvault.crypto.secret import Secret
 from kryptvault.errors import AuthenticationError, IntegrityError, KryptvaultError, TokenError
 from kryptvault.session.audit import AuditLog, Backoff
 from kryptvault.token.base import Token, TokenIdentity
+from kryptvault.token.fido2key import (
+    Authenticator,
+    Fido2Identity,
+    authenticators_for,
+    find_holder,
+    hmac_secret,
+    is_fido2_spec,
+)
 from kryptvault.token.resolve import resolve_token
 from kryptvault.token.share import Share
 
@@ -43,6 +51,10 @@ class Unlocked:
     slot: int
     token: Token | None = None
     share: Share | None = field(default=None, repr=False)
+    # Set when a FIDO2 key opened it (then token and share are None: nothing to read).
+    fido2: Fido2Identity | None = None
+    authenticator: Authenticator | None = field(default=None, repr=False)
+    fido2_secret: Secret | None = field(default=None, repr=False)
 
     @property
     def header(self) -> Header:
@@ -56,6 +68,8 @@ class Unlocked:
         self.master.wipe()
         if self.share is not None:
             self.share.wipe()
+        if self.fido2_secret is not None:
+            self.fido2_secret.wipe()
 
     def __enter__(self) -> Unlocked:
         return self
@@ -71,6 +85,24 @@ def slot_identities(header: Header) -> dict[int, TokenIdentity]:
             with contextlib.suppress(TokenError):
                 identities[index] = TokenIdentity.decode(slot.token_identity)
     return identities
+
+
+def fido2_identities(header: Header) -> dict[int, Fido2Identity]:
+    identities: dict[int, Fido2Identity] = {}
+    for index, slot in header.active_slots():
+        if slot.kind == KIND_TOKEN_PASSWORD and Fido2Identity.recorded(slot.token_identity):
+            with contextlib.suppress(TokenError):
+                identities[index] = Fido2Identity.decode(slot.token_identity)
+    return identities
+
+
+def _fido2_of_read(read: HeaderRead) -> list[Fido2Identity]:
+    found: list[Fido2Identity] = []
+    for _, header in read.copies():
+        for identity in fido2_identities(header).values():
+            if identity not in found:
+                found.append(identity)
+    return found
 
 
 def find_token(header: Header, spec: str | None) -> Token:
@@ -93,6 +125,17 @@ def token_factor(token: Token, share: Share) -> TokenFactor:
     return TokenFactor(Secret.from_bytes(share.secret), token.identity.binding(), token.identity.encode())
 
 
+def opened_factor(unlocked: Unlocked) -> TokenFactor:
+    """The token factor that opened `unlocked` (a stick's share or a FIDO2 key's
+    hmac-secret), as a fresh copy to re-seal its slot with. Wipe its secret."""
+    if unlocked.fido2 is not None and unlocked.fido2_secret is not None:
+        identity = unlocked.fido2
+        return TokenFactor(unlocked.fido2_secret.copy(), identity.binding(), identity.encode())
+    if unlocked.token is None or unlocked.share is None:
+        raise TokenError("the vault was opened without a token")
+    return token_factor(unlocked.token, unlocked.share)
+
+
 def candidate_slots(header: Header, token: Token) -> list[int]:
     return [i for i, ident in slot_identities(header).items() if ident.matches(token.identity)]
 
@@ -104,8 +147,13 @@ def unlock_container(
     ask_password: AskSecret,
     ask_recovery_key: AskSecret | None = None,
     notice: Callable[[str], None] | None = None,
+    ask_pin: AskSecret | None = None,
 ) -> Unlocked:
     """Open with token + password, or with the recovery key when `ask_recovery_key` is given.
+
+    `--token fido2`, or no --token when a plugged FIDO2 key holds a credential of one of
+    the slots (found without a touch), opens with the key: `ask_pin` when the slot was
+    enrolled with the key's PIN, and "Touch your security key" to `notice` (else stderr).
 
     Every command that opens a vault comes through here, so here is where a failed
     guess is paid for: the back-off delay before asking, and an `unlock_failed` audit
@@ -128,7 +176,9 @@ def unlock_container(
             say(f"waiting {delay:.0f} s after recent failed attempts…")
         time.sleep(delay)
     try:
-        unlocked = _unlock(path, read, token_spec, ask_password, ask_recovery_key)
+        unlocked = _unlock(
+            path, read, token_spec, ask_password, ask_recovery_key, ask_pin, notice or _to_stderr
+        )
     except AuthenticationError:
         for named in vaults:
             backoff.record_failure(named)
@@ -227,11 +277,20 @@ def _unlock(
     token_spec: str | None,
     ask_password: AskSecret,
     ask_recovery_key: AskSecret | None,
+    ask_pin: AskSecret | None = None,
+    notice: Callable[[str], None] = _to_stderr,
 ) -> Unlocked:
     if ask_recovery_key is not None:
         with ask_recovery_key() as text, parse_recovery_key(text) as key:
             opened, master, slot, _ = _open_some_copy(read, [lambda h: unlock_with_recovery_key(h, key)])
         return Unlocked(path, opened, master, slot)
+    fido2 = _fido2_of_read(read)
+    named = is_fido2_spec(token_spec)
+    if named or (not token_spec and fido2):
+        holder = _fido2_holder(fido2, token_spec if named else None,
+                               required=named or not _has_stick_slots(read))
+        if holder is not None:
+            return _unlock_fido2(path, read, holder, ask_password, ask_pin, notice)
     token = _find_token_any_copy(read, token_spec)
     vaults = _vaults(read)
     shares: list[tuple[uuid.UUID, Share]] = []
@@ -274,6 +333,69 @@ def _unlock(
         except TokenError as exc:
             _to_stderr(f"warning: could not finish the token's share update: {exc}")
     return Unlocked(path, opened, master, slot, token, share)
+
+
+def _has_stick_slots(read: HeaderRead) -> bool:
+    return any(slot_identities(header) for _, header in read.copies())
+
+
+def _fido2_holder(
+    identities: list[Fido2Identity], spec: str | None, *, required: bool
+) -> tuple[Authenticator, Fido2Identity] | None:
+    """The plugged key holding one of the credentials (no touch). None, when not
+    `required`, lets a vault with both kinds of slot fall back to its stick."""
+    if not identities:
+        raise TokenError(
+            "this vault has no FIDO2 keyslot (enrol a key with 'kryptvault token add --new-token fido2')"
+        )
+    try:
+        authenticators = authenticators_for(spec)
+        found = find_holder(authenticators, identities) if authenticators else None
+    except TokenError:
+        if required:
+            raise
+        return None  # the vault's stick may be plugged: its path says what is missing
+    if found is None and required:
+        if not authenticators:
+            raise TokenError("no FIDO2 security key is plugged in")
+        raise TokenError(
+            f"none of the plugged security keys ({len(authenticators)}) holds a credential of this vault"
+        )
+    return found
+
+
+def _unlock_fido2(
+    path: Path,
+    read: HeaderRead,
+    holder: tuple[Authenticator, Fido2Identity],
+    ask_password: AskSecret,
+    ask_pin: AskSecret | None,
+    notice: Callable[[str], None],
+) -> Unlocked:
+    auth, identity = holder
+    recorded = identity.encode()
+
+    def opener_for(password: Secret, factor: TokenFactor) -> Opener:
+        def opener(header: Header) -> tuple[Secret, int]:
+            candidates = [
+                i for i, s in header.active_slots()
+                if s.kind == KIND_TOKEN_PASSWORD and s.token_identity == recorded
+            ]
+            return unlock_with_password(header, password, factor, candidates)
+
+        return opener
+
+    # The password first, then the PIN and the touch: the key's timeout runs only
+    # while the user is asked to touch.
+    with ask_password() as password:
+        secret = hmac_secret(auth, identity, ask_pin=ask_pin, notice=notice)
+        try:
+            factor = TokenFactor(secret, identity.binding(), recorded)
+            opened, master, slot, _ = _open_some_copy(read, [opener_for(password, factor)])
+        except BaseException:
+            secret.wipe()
+            raise
+    return Unlocked(path, opened, master, slot, fido2=identity, authenticator=auth, fido2_secret=secret)
 
 
 def _password_opener(password: Secret, factor: TokenFactor, token: Token, vault: uuid.UUID) -> Opener:

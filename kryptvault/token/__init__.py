@@ -1,6 +1,7 @@
 """Token discovery: the USB stick (or filesystem, or directory) that holds a vault's share.
 
-This layer imports only `kryptvault.errors`, the standard library, psutil and pyusb.
+This layer imports only `kryptvault.errors`, `kryptvault.crypto`, the standard library,
+psutil, pyusb and python-fido2 (FIDO2 security keys: fido2key.py, fido2token.py).
 """
 
 from kryptvault.token.base import Token, TokenIdentity

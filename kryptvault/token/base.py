@@ -24,7 +24,9 @@ from kryptvault.token.share import (
     write_share_file,
 )
 
-KINDS = ("dir", "usb", "fs")
+# "fido2" names a plugged security key while a vault is open (its keyslot records a
+# token/fido2key.Fido2Identity instead, so it has no encode()).
+KINDS = ("dir", "usb", "fs", "fido2")
 MAX_ENCODED_IDENTITY = 200
 
 # Characters that are kept literally in an encoded serial; everything else is %XX-escaped
@@ -68,7 +70,7 @@ def printable(text: str) -> str:
 class TokenIdentity:
     """Which token this is, in the terms the keyslot records (no secrets here)."""
 
-    kind: str  # "dir" | "usb" | "fs"
+    kind: str  # "dir" | "usb" | "fs" | "fido2"
     vendor_id: int | None = None
     product_id: int | None = None
     serial: str | None = None
@@ -98,6 +100,8 @@ class TokenIdentity:
             return printable(text)
         if self.kind == "fs":
             return printable(f"filesystem UUID {self.fs_uuid}")
+        if self.kind == "fido2":
+            return printable(f"FIDO2 security key at {self.path}")
         return printable(f"directory {self.path}") if self.path else "a token directory"
 
     def encode(self) -> bytes:
@@ -108,6 +112,8 @@ class TokenIdentity:
                 text += f":{self.fs_uuid}"
         elif self.kind == "fs":
             text = f"fs:{self.fs_uuid}"
+        elif self.kind == "fido2":
+            raise TokenError("a FIDO2 key's keyslot records its credential, not this identity")
         else:
             text = "dir"
         data = text.encode("ascii")

@@ -17,6 +17,7 @@ from kryptvault.errors import TokenError
 from kryptvault.token.base import Token, TokenIdentity, printable
 from kryptvault.token.dirtoken import DirectoryToken
 from kryptvault.token.discover import UsbStick, discover_usb_sticks
+from kryptvault.token.fido2token import Fido2Token
 from kryptvault.token.fstoken import FsUuidToken
 from kryptvault.token.mounts import mount_table, mounts_of_device
 from kryptvault.token.share import SHARE_DIR_NAME, share_path
@@ -129,6 +130,9 @@ def resolve_token(
                 f"several sticks are plugged: choose one with --token SERIAL ({_stick_list(found)})"
             )
         return _usb_token(found[0], vault_uuid=vault_uuid)
+    if spec.startswith("fido2:/"):
+        # Only the mount daemon resolves a key this way (the unlock found it by its credential).
+        return Fido2Token(spec[len("fido2:") :], sysfs_root=sysfs_root)
     if spec.startswith("fs:"):
         return FsUuidToken(spec[3:], sysfs_root=sysfs_root, dev_root=dev_root)
     if _looks_like_path(spec):

@@ -52,6 +52,14 @@ FS_VAULT_RULE = (
     'ENV{{SYSTEMD_ALIAS}}+="/sys/subsystem/kryptvault/{vault}", '
     'ENV{{SYSTEMD_USER_WANTS}}+="kryptvault-guard@{vault}.service"\n'
 )
+# FIDO2 security keys: distros tag their hidraw nodes ID_SECURITY_TOKEN=1 (systemd's
+# 60-fido-id.rules, which reads the HID report descriptor's FIDO usage page), and the
+# seat user needs the node to talk CTAP. Their removal is watched by the mount daemon
+# itself (hidraw remove uevent + poll); there is no guard unit for them yet.
+FIDO2_RULES = (
+    "\n# FIDO2 security keys (FIDO usage page, tagged by 60-fido-id.rules): access for the seat user\n"
+    'ACTION!="remove", SUBSYSTEM=="hidraw", ENV{ID_SECURITY_TOKEN}=="1", TAG+="uaccess"\n'
+)
 HEADER = (
     "# kryptvault token rules, written by `kryptvault token udev`; do not edit.\n"
     '# Numbered below 73 so that TAG+="uaccess" is seen by 73-seat-late.rules.\n'
@@ -73,12 +81,13 @@ def unit_instance(vault_uuid: uuid.UUID) -> str:
     return vault_uuid.hex
 
 
-def render_rules(entries: Sequence[tuple[TokenIdentity, uuid.UUID]]) -> str:
-    """The rules file for these (token, vault) registrations.
+def render_rules(entries: Sequence[tuple[TokenIdentity, uuid.UUID]], *, fido2: bool = False) -> str:
+    """The rules file for these (token, vault) registrations; with `fido2`, the rule that
+    gives the seat user FIDO2 keys (some vault has a FIDO2 keyslot).
 
     Directory tokens have no device for udev to watch and only get a comment.
     """
-    out = [HEADER]
+    out = [HEADER, FIDO2_RULES] if fido2 else [HEADER]
     seen_sticks: set[tuple[int, int, str]] = set()
     for identity, vault_uuid in entries:
         vault = unit_instance(vault_uuid)

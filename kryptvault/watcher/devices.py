@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kryptvault.token.base import Token
+from kryptvault.token.fido2token import Fido2Token
 from kryptvault.token.fstoken import MountedFilesystemToken
 from kryptvault.token.mounts import block_sysfs_dir
 from kryptvault.token.usbtoken import UsbToken
@@ -86,6 +87,13 @@ def watched_devices(token: Token, sysfs_root: str = "/sys") -> WatchedDevices:
     if isinstance(token, UsbToken):
         usb = _devpath(token.stick.sysfs_path, sysfs_root)
         block = _devpath(token.block.sysfs_path, sysfs_root)
+    if isinstance(token, Fido2Token):
+        # The hidraw node stands where a block device would: its removal, or that of the
+        # HID device or USB interface above it, or of anything below the USB device, is
+        # the key leaving. (A UHID key has no USB device: the hidraw and HID removals.)
+        block = _devpath(token.sysfs_path, sysfs_root)
+        usb = _usb_ancestor(block, sysfs_root) if block is not None else None
+        return WatchedDevices(block, usb)
     if block is None:
         try:
             st_dev = os.stat(_holding_path(token)).st_dev
