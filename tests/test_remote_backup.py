@@ -477,3 +477,21 @@ def test_one_mib_changed_uploads_a_few_mib_in_a_fraction_of_the_full_time(
     # Fixed costs (about ten rclone runs, reading the container) weigh more at 96 MiB than at
     # 1 GiB (measured there: 5 MiB uploaded in 5.6 % of the full upload's time, docs/BACKUP.md §12).
     assert inc_time < 0.35 * full_time
+
+
+def test_progress_follows_the_chunks_read_and_those_to_upload(
+    tmp_path: Path, remote_env: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    dest = f"rclone:{store}"
+    vault = make_vault(tmp_path)
+    _grow(vault, "/a.bin", 3)
+    seen: list[tuple[int, int, int]] = []
+    first = run_remote_backup(vault.container, dest, keep=2, on_chunks=lambda *c: seen.append(c))
+    total = len(_chunk_names(vault.container))
+    assert [s[0] for s in seen] == list(range(1, total + 1)) and {s[2] for s in seen} == {total}
+    assert seen[-1][1] == first.chunks_uploaded == len(set(_chunk_names(vault.container)))
+    seen.clear()
+    again = run_remote_backup(vault.container, dest, keep=2, on_chunks=lambda *c: seen.append(c))
+    assert again.chunks_uploaded == 0 and seen[-1] == (total, 0, total)

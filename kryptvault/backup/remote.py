@@ -312,8 +312,9 @@ class RemoteBackupResult:
 def run_remote_backup(
     container: Path, dest: str | os.PathLike[str], *, keep: int,
     progress: Progress | None = None, live_hold: LiveHold | None = None,
-    replace_history: bool = False,
+    replace_history: bool = False, on_chunks: Callable[[int, int, int], None] | None = None,
 ) -> RemoteBackupResult:
+    """`on_chunks(done, to upload so far, total)` follows the chunks as they are read."""
     started = time.monotonic()
     hook = StepHook.from_env()
     base = open_remote(dest)
@@ -352,9 +353,12 @@ def run_remote_backup(
                     _test_slow_chunk()
                     digest = hashlib.sha256(data).hexdigest()
                     names.append(digest)
+                    new = not (have.get(digest) == length or digest in staged)
+                    if on_chunks is not None:
+                        on_chunks(i + 1, uploaded + new, total)
                     if progress is not None:
                         progress(i * CHUNK_SIZE + length, src.size)
-                    if have.get(digest) == length or digest in staged:
+                    if not new:
                         continue
                     # A same-named object of another size is the torso of a killed upload.
                     (stage / digest).write_bytes(data)

@@ -165,8 +165,14 @@ def _backup_remote(container: Path, dest: str, keep: int, replace_history: bool,
     vault = _vault_of(container)
     _audit("backup_started", vault, container=container.absolute(), dest=dest)
     bar = Progress("backup", not as_json)
+
+    def chunks(done: int, new: int, total: int) -> None:
+        bar.detail = f"chunks {done}/{total}, {new} to upload"
+
     try:
-        result = run_remote_backup(container, dest, keep=keep, progress=bar, replace_history=replace_history)
+        result = run_remote_backup(
+            container, dest, keep=keep, progress=bar, replace_history=replace_history, on_chunks=chunks
+        )
     except BaseException as exc:
         _audit("backup_failed", vault, container=container.absolute(), dest=dest,
                error=" ".join(str(exc).split()) or type(exc).__name__)

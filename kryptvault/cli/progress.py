@@ -25,6 +25,7 @@ class Progress:
         self.started = time.monotonic()
         self.last = 0.0
         self.shown = False
+        self.detail = ""  # appended to the bar, e.g. chunk counts
 
     def _amount(self, n: float) -> str:
         return human_size(n) if self.unit is None else f"{int(n)}"
@@ -50,6 +51,8 @@ class Progress:
                 f"{self._amount(done)} / {self._amount(total)}{unit}"
                 f"  {speed}  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
             )
+        if self.detail:
+            line += f"  {self.detail}"
         self._show(line)
 
     def phase(self, text: str) -> None:

@@ -1305,7 +1305,6 @@ class ObjectStore:
                     self._cache_put(new, buf)  # metadata stays cached
                 elif len(self._pool) < self._pool_max:
                     self._pool.append(buf)  # written data: recycle the buffer
-            w.submit()
             s.meta_dirty = True
         if s.meta_dirty and s is not self._table:
             self._write_into(
@@ -1334,6 +1333,9 @@ class ObjectStore:
                     self._dirty_streams[key] = s  # its remaining dirty blocks
                     raise
             self._flush_stream(self._table)
+            # One run for everything sealed back to back (many small files' blocks land
+            # next to each other): not one write per stream.
+            self._aw.submit()
         except NoSpace as exc:
             self._stalled = exc.strerror or str(exc)
             raise
