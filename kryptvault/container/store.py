@@ -65,7 +65,8 @@ HOLE = fmt.HOLE
 PTR = fmt.POINTER_SIZE
 NONCE_BUDGET = 2**32  # encryptions per key with random 96-bit nonces (NIST SP 800-38D 8.3)
 DEFAULT_DIRTY_LIMIT = 64 * 1024 * 1024
-DEFAULT_CACHE_LIMIT = 32 * 1024 * 1024
+# The kernel's page cache holds file data too (keep_cache, block stores).
+DEFAULT_CACHE_LIMIT = 24 * 1024 * 1024
 MAX_STREAM_SIZE = 2**63 - 1
 CRASH_ENV = "KRYPTVAULT_TEST_CRASH_AFTER_WRITES"
 _WRITE_BATCH_BYTES = 4 * 1024 * 1024  # one pwrite per run of up to this much ciphertext

@@ -31,7 +31,7 @@ from kryptvault.fuseadapter import wire as w
 log = logging.getLogger("kryptvault.fuse")
 
 STORE_BLOCK = 64 * 1024
-STORE_QUEUE = 32
+STORE_QUEUE = 16
 
 Notify = Callable[[int, list[bytes | memoryview]], int]
 
