@@ -17,7 +17,7 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
-def replace_file(final: Path, data: bytes | bytearray) -> None:
+def replace_file(final: Path, data: bytes | bytearray, *, mode: int = 0o600) -> None:
     """Atomically create or replace `final` with `data`: temp file, fsync, rename, fsync,
     fsync dir. Whatever fails, `final` holds either the old complete file or the new one
     and no temp file is left behind; the OSError goes to the caller, which words it."""
@@ -25,7 +25,7 @@ def replace_file(final: Path, data: bytes | bytearray) -> None:
     tmp = directory / f"{final.name}.tmp-{secrets.token_hex(8)}"
     created = False
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         created = True
         try:
             view = memoryview(data)

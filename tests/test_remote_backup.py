@@ -482,9 +482,8 @@ def test_one_mib_changed_uploads_a_few_mib_in_a_fraction_of_the_full_time(
 def test_progress_follows_the_chunks_read_and_those_to_upload(
     tmp_path: Path, remote_env: pytest.MonkeyPatch
 ) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    dest = f"rclone:{store}"
+    (tmp_path / "store").mkdir()
+    dest = f"rclone:{tmp_path / 'store'}"  # rclone's local backend
     vault = make_vault(tmp_path)
     _grow(vault, "/a.bin", 3)
     seen: list[tuple[int, int, int]] = []

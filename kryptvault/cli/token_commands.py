@@ -27,7 +27,7 @@ from kryptvault.cli.options import (
 )
 from kryptvault.cli.output import say
 from kryptvault.cli.secrets_input import read_new_password, read_secret
-from kryptvault.cli.unit_files import default_units_dir, install_user_units
+from kryptvault.cli.unit_files import default_units_dir, install_user_units, write_text_file
 from kryptvault.cli.vault_commands import kdf_options, rewrite_header
 from kryptvault.container.header import KIND_TOKEN_PASSWORD, Header, Keyslot
 from kryptvault.container.keyslots import new_password_slot
@@ -565,23 +565,10 @@ def token_udev(containers: tuple[Path, ...], rules_dir: Path, units_dir: Path | 
         click.echo(rules, nl=False)
         return
     rules_path = rules_dir / "70-kryptvault.rules"
-    _atomic_write(rules_path, rules)
+    write_text_file(rules_path, rules)
     units = units_dir or default_units_dir()
     install_user_units(units)
     if shutil.which("udevadm"):
         subprocess.run(["udevadm", "control", "--reload"], check=False)
     click.echo(f"wrote {rules_path} and the units in {units}")
     click.echo(f"instances: {', '.join(unit_instance(v) for _, v in entries) or 'none'}")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise KryptvaultError(f"cannot write {path}: {exc.strerror}")

@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from kryptvault.durable import replace_file
 from kryptvault.errors import KryptvaultError
 
 USER_UNITS = ("kryptvault-guard@.service", "kryptvault-lock@.service", "kryptvault-plug@.service")
@@ -33,20 +34,15 @@ def unit_texts() -> dict[str, str]:
 def install_user_units(units: Path) -> None:
     units.mkdir(parents=True, exist_ok=True)
     for name, text in unit_texts().items():
-        _write(units / name, text)
+        write_text_file(units / name, text)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def write_text_file(path: Path, text: str) -> None:
+    """Replace `path` atomically with `text` (mode 0644, under the umask)."""
     try:
-        with open(tmp, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
+        replace_file(path, text.encode("utf-8"), mode=0o644)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise KryptvaultError(f"cannot write {path}: {exc.strerror}")
+        raise KryptvaultError(f"cannot write {path}: {exc.strerror or exc}")
 
 
 def data_home() -> Path:
@@ -72,4 +68,4 @@ def desktop_files(base: Path) -> dict[Path, str]:
 def install_desktop_files(base: Path) -> None:
     for path, text in desktop_files(base).items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write(path, text)
+        write_text_file(path, text)
