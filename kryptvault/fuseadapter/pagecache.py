@@ -6,10 +6,11 @@
 - Stale pages: a write through a direct-I/O handle bypasses the page cache, so the pages
   other descriptors cached for that range are dropped (FUSE_NOTIFY_INVAL_INODE).
 
-A store overwrites whatever the page holds, dirty or not, so it may only land while the
-file cannot have pages newer than the block: no handle open for writing, and nothing
-that changes the file's content (open for writing, truncate, a new file under a reused
-number) since the block was read. The store thread checks that and sends the store
+A store overwrites whatever the page holds (a page on its way to the vault included), so
+it may only land while the file cannot have pages newer than the block: only files not
+changed in this session (no write, truncate, open for writing; not new under a reused
+number) get stores, and nothing may change them between the read and the store. The
+store thread checks that and sends the store
 under its lock, naming the inode it works on first. A change never waits for it (a
 store can wait for page locks of reads that only the request loops can serve): it bumps
 the file's version, so no later store of older data lands, and if a store of that file
@@ -46,6 +47,10 @@ class PageCacheFeed:
         self._writers: dict[int, int] = {}  # inode -> handles open for writing
         self._versions: dict[int, int] = {}
         self._storing: int | None = None  # the inode the store thread holds the lock for
+        # Files changed in this session (written, truncated, opened for writing, or new)
+        # get no more stores: the kernel may hold newer pages of them (dirty, or clean
+        # but still on their way to the vault), which a store would overwrite.
+        self._changed: set[int] = set()
         self._count_lock = threading.Lock()
         self._stores: queue.Queue[tuple[int, int, int, int, bytes, int, int] | None] = (
             queue.Queue(STORE_QUEUE)
@@ -97,13 +102,14 @@ class PageCacheFeed:
         store thread names its inode before it reads the version (both under the GIL,
         so in order): either it sees the new version and skips, or this sees it busy."""
         with self._count_lock:
+            self._changed.add(ino)
             self._versions[ino] = self._versions.get(ino, 0) + 1
         return self._storing == ino
 
     # ------------------------------------------------------------------ stores
     def wants(self, ino: int) -> bool:
         """Whether a read of `ino` should read and offer its whole block."""
-        return self.stores and not self.paused and ino not in self._writers
+        return self.stores and not self.paused and ino not in self._changed
 
     def version(self, ino: int) -> int:
         return self._versions.get(ino, 0)
@@ -129,6 +135,7 @@ class PageCacheFeed:
                 try:
                     if (
                         self.paused
+                        or ino in self._changed
                         or ino in self._writers
                         or self._versions.get(ino, 0) != version
                         or self._generation(ino) != generation

@@ -433,10 +433,12 @@ class Requests:
         fh, offset, size, *_ = w.READ_IN.unpack_from(body)
         fs = self.fs
         try:
+            # The version first: any change that reaches the vault after it (a write
+            # back of a page the kernel holds, a truncate) makes this block's store stale.
+            version = self.feed.version(ino)
             if size >= STORE_BLOCK or fh in self._direct or not self.feed.wants(ino):
                 return fs.read(fh, offset, size)
             start = offset - offset % STORE_BLOCK
-            version = self.feed.version(ino)
             block = fs.read(fh, start, STORE_BLOCK)
         except FsError as e:
             self._eio_log(ino, e)
@@ -456,6 +458,10 @@ class Requests:
     def _write(self, ino: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
         fh, offset, size, write_flags, *_ = w.READ_IN.unpack_from(body)
         fs = self.fs
+        # Before the data reaches the vault: no block read earlier may be stored from now
+        # on; one in flight is dropped after it lands.
+        if self.feed.content_changing(ino):
+            self.feed.stale(ino, offset, size)
         if write_flags & w.WRITE_KILL_SUIDGID:
             self._kill_suidgid(ino, gid, pid)
         data = body[40 : 40 + size]
@@ -472,7 +478,10 @@ class Requests:
 
     def _fallocate(self, ino: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
         fh, offset, length, mode, _ = w.FALLOCATE_IN.unpack_from(body)
+        racing_store = self.feed.content_changing(ino)
         self.fs.fallocate(fh, mode, offset, length)
+        if racing_store:
+            self.feed.stale(ino, offset, length)
         return _EMPTY
 
     def _release(self, ino: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
