@@ -51,6 +51,9 @@ class NullFilesystem:
             return FILE_INO
         raise FsError(errno.ENOENT)
 
+    def lookup_stat(self, parent: int, name: bytes) -> Stat:
+        return self.getattr(self.lookup(parent, name))
+
     def getattr(self, ino: int) -> Stat:
         return self._root if ino == ROOT_INO else self._file
 

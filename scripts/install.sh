@@ -26,6 +26,7 @@ PKGS=(
   acl                                    # tests: getfacl/setfacl on the mount
   rclone                                 # runtime: backups to remotes (also serves WebDAV/SFTP in tests)
   udev                                   # tests: udev rules loaded by udevd in the QEMU guest
+  systemd                                # tests: a systemd user manager in the QEMU guest (udev -> units)
   dbus-daemon                            # tests: private buses for the desktop links (fake logind, notifications)
   libglib2.0-bin                         # tests: `gio mount -l/-u` as file managers see the mount
 )

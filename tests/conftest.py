@@ -37,6 +37,8 @@ for _name, _value in SESSION_ENV.items():
 # notification): both point at sockets that do not exist unless a test starts its own.
 os.environ["DBUS_SESSION_BUS_ADDRESS"] = f"unix:path={SESSION_ROOT}/no-session-bus"
 os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = f"unix:path={SESSION_ROOT}/no-system-bus"
+# The suite runs as root: `kryptvault setup` would install its udev rules in /etc.
+os.environ["KRYPTVAULT_UDEV_RULES_DIR"] = str(SESSION_ROOT / "udev-rules")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -116,6 +116,14 @@ class MemoryStore:
     def stored_bytes(self, oid: int, stream: int) -> int:
         return -(-len(self.objects[oid][1 + stream]) // 4096) * 4096  # no holes here
 
+    def size_and_stored(self, oid: int) -> tuple[int, int]:
+        return self.stream_size(oid, 0), self.stored_bytes(oid, 0) + self.stored_bytes(oid, 1)
+
+    def stat_object(self, oid: int) -> tuple[bytes, int, int] | None:
+        if not self.oid_in_use(oid):
+            return None
+        return (self.get_attrs(oid), *self.size_and_stored(oid))
+
     def mark_metadata(self, oid: int) -> None:
         self.metadata.add(oid)  # one copy of everything here: nothing else to do
 

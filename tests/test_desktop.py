@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 import tomllib
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,9 +167,12 @@ class FakeLogind(FakeService):
     def _watch(read_end: int, inhibitor: Inhibitor) -> None:
         while os.read(read_end, 64):
             pass
-        # Released: what had the daemon written to the audit log by now?
-        inhibitor.closed_at = time.monotonic()
+        # Released: what had the daemon written to the audit log by now? closed_at is set
+        # last: a waiter that sees it must also see the audit text (a slow guest read the
+        # text as "" when closed_at came first).
+        closed_at = time.monotonic()
         inhibitor.audit_when_closed = _audit_text()
+        inhibitor.closed_at = closed_at
         os.close(read_end)
 
     def prepare_for_sleep(self, start: bool) -> float:
@@ -394,16 +398,25 @@ def test_setup_dry_run_writes_nothing_and_setup_keeps_the_rest_of_the_config(
     config.write_text('# mine\n[backup]\ndestinations = ["/media/disk"]\nkeep = 3\n')
     before = config.read_text()
     units = tmp_path / "units"
+    rules = tmp_path / "rules"
     dry = run_process("setup", vault.container, "--mountpoint", tmp_path / "here", "--units-dir", units,
-                      "--dry-run")
+                      "--rules-dir", rules, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert f'[vaults."{vault.uuid}"]' in dry.stdout and "lock_on_suspend = true" in dry.stdout
     assert "would install the systemd user units" in dry.stdout and str(units) in dry.stdout
     assert "applications/kryptvault.desktop" in dry.stdout
+    # As root (the suite is): every command it would run, the rules file it would write.
+    assert "would run: systemctl --user daemon-reload" in dry.stdout
+    assert f"would write {rules / '70-kryptvault.rules'}\nwould run: udevadm control --reload" in dry.stdout
     assert config.read_text() == before and not (tmp_path / "here").exists() and not units.exists()
+    assert not rules.exists()
     try:
-        done = run_process("setup", vault.container, "--mountpoint", tmp_path / "here", "--units-dir", units)
+        done = run_process("setup", vault.container, "--mountpoint", tmp_path / "here", "--units-dir", units,
+                           "--rules-dir", rules)
         assert done.returncode == 0, done.stderr
+        # The suite's XDG_RUNTIME_DIR has no user manager (nor does this host): one line, no error.
+        assert "it reads the units when it starts" in done.stdout
+        assert f"# vault {vault.uuid}" in (rules / "70-kryptvault.rules").read_text()
         assert sorted(p.name for p in units.iterdir()) == [
             "kryptvault-guard@.service", "kryptvault-lock@.service", "kryptvault-plug@.service",
         ]
@@ -739,3 +752,333 @@ def test_pinentry_answers_are_percent_decoded_and_the_description_escaped(tmp_pa
     assert "0 SETDESC 100%25 yours%0Asecond line" in log and "0 SETERROR bad 5%25" in log
     with pytest.raises(PinentryCancelled):
         ask_password(str(fake.program), "again")
+
+
+def _backup_config(*destinations: Path) -> Path:
+    config = Path(os.environ["XDG_CONFIG_HOME"]) / "kryptvault" / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[backup]\ndestinations = [" + ", ".join(json.dumps(str(d)) for d in destinations)
+                      + "]\nkeep = 3\n")
+    return config
+
+
+def _audit_events(vault: VaultFixture, *events: str) -> list[dict[str, object]]:
+    entries = [json.loads(line) for line in _audit_text().splitlines() if line.strip()]
+    return [e for e in entries if e.get("event") in events and e.get("vault") == vault.uuid]
+
+
+def _urgency(notifications: FakeNotifications, index: int) -> object:
+    calls = [args for _, member, args in notifications.calls if member == "Notify"]
+    return calls[index][6]["urgency"]  # type: ignore[index]
+
+
+def test_the_backup_after_a_lock_notifies_finished_after_locked_naming_destinations_by_number(
+    vault: VaultFixture, buses: Buses, tmp_path: Path
+) -> None:
+    dest = tmp_path / "backups"
+    dest.mkdir()
+    config = _backup_config(dest, tmp_path / "unplugged-disk")
+    notifications = FakeNotifications(buses.session)
+    mnt = vault.dir / "mnt"
+    try:
+        env = buses.env()
+        env["DBUS_SYSTEM_BUS_ADDRESS"] = "unix:path=/nonexistent/system_bus_socket"
+        assert run_process("mount", vault.container, mnt, *vault.pw(), env=env).returncode == 0
+        (mnt / "diary.txt").write_text("kept in the backup\n")
+        assert run_process("lock", mnt).returncode == 0
+        # The backup is a process of its own, started by the daemon as it exits.
+        _wait(lambda: len(notifications.notes()) >= 3, 60.0, "the backup notification")
+        short = vault.uuid.replace("-", "")[:8]
+        assert notifications.notes() == [
+            ("Vault mounted", f"Vault {short} is open."),
+            ("Vault locked", f"Vault {short} locked (locked by command)."),
+            ("Backup finished", f"Vault {short} was backed up to destination 1 of 2; "
+                                "destination 2 not reachable."),
+        ]
+        assert _urgency(notifications, 2) == ("y", 1)
+        (done,) = _audit_events(vault, "backup_done")
+        assert str(done["backup"]).startswith(str(dest))
+        listed = run_process("backup", "list", dest)
+        assert listed.returncode == 0 and vault.uuid in listed.stdout
+        assert not any(str(tmp_path) in text or "diary" in text for n in notifications.notes() for text in n)
+    finally:
+        notifications.close()
+        config.unlink()
+
+
+def test_a_failing_destination_is_notified_as_critical_and_the_exit_status_stays_without_a_bus(
+    vault: VaultFixture, buses: Buses, tmp_path: Path
+) -> None:
+    good = tmp_path / "backups"
+    good.mkdir()
+    with ext4_loop_disk(tmp_path, 16) as disk:
+        # A backup disk that the kernel turned read-only (as after I/O errors).
+        assert run_quiet("mount", "-o", "remount,ro", disk).returncode == 0
+        config = _backup_config(good, disk)
+        notifications = FakeNotifications(buses.session)
+        mnt = vault.dir / "mnt"
+        try:
+            env = buses.env()
+            env["DBUS_SYSTEM_BUS_ADDRESS"] = "unix:path=/nonexistent/system_bus_socket"
+            assert run_process("mount", vault.container, mnt, *vault.pw(), env=env).returncode == 0
+            assert run_process("lock", mnt).returncode == 0
+            _wait(lambda: len(notifications.notes()) >= 3, 60.0, "the backup notification")
+            short = vault.uuid.replace("-", "")[:8]
+            summary, body = notifications.notes()[2]
+            assert summary == "Backup failed" and _urgency(notifications, 2) == ("y", 2)
+            assert body.startswith(f"Vault {short}: the backup to destination 2 of 2 failed: ")
+            assert "in destination 2: the filesystem is read-only" in body
+            assert body.endswith(" Backed up to destination 1.")
+            assert str(disk) not in body and str(tmp_path) not in body
+            (failed,) = _audit_events(vault, "backup_failed")
+            assert failed["dest"] == str(disk)
+
+            # Run by hand: the same outcome and status with a bus, with a dead one, without.
+            statuses = []
+            for bus in (buses.session, "unix:path=/nonexistent/session_bus_socket", None):
+                run_env = dict(env)
+                if bus is None:
+                    run_env.pop("DBUS_SESSION_BUS_ADDRESS")
+                else:
+                    run_env["DBUS_SESSION_BUS_ADDRESS"] = bus
+                ran = run_process("backup", "auto", vault.container, env=run_env)
+                assert ran.stderr == ""  # no word about buses, no traceback
+                statuses.append((ran.returncode, ran.stdout.count(": done"), ran.stdout.count(": failed")))
+            assert statuses == [(1, 1, 1)] * 3
+            # Not on a terminal (as under the timer): the failure is notified, once per run
+            # that had a bus.
+            _wait(lambda: len(notifications.notes()) >= 4, 10.0, "the second failure notification")
+            time.sleep(0.5)
+            assert [s for s, _ in notifications.notes()[3:]] == ["Backup failed"]
+            # A backup by hand (`kryptvault backup CONTAINER DEST`) prints; it never notifies.
+            assert run_process("backup", vault.container, good, env=env).returncode == 0
+            time.sleep(0.5)
+            assert len(notifications.notes()) == 4
+        finally:
+            notifications.close()
+            config.unlink()
+            if os.path.ismount(mnt):
+                run_process("lock", mnt)
+
+
+@pytest.fixture
+def fresh_config() -> Iterator[Path]:
+    """No config.toml before or after: setup's rules cover every vault the file names."""
+    config = Path(os.environ["XDG_CONFIG_HOME"]) / "kryptvault" / "config.toml"
+    config.unlink(missing_ok=True)
+    yield config
+    config.unlink(missing_ok=True)
+
+
+FAKE_PROGRAM = """#!/bin/sh
+# A fake {name}: records its arguments, then does what the test asked for.
+echo "{name} $*" >> {log}
+{body}
+"""
+
+
+def _fake_programs(directory: Path, log: Path, **bodies: str) -> dict[str, str]:
+    """Programs named after `bodies`' keys in `directory`, first on PATH in the env returned."""
+    directory.mkdir(exist_ok=True)
+    directory.chmod(0o755)
+    for name, body in bodies.items():
+        program = directory / name
+        program.write_text(FAKE_PROGRAM.format(name=name, log=log, body=body))
+        program.chmod(0o755)
+    return dict(os.environ, PATH=f"{directory}:{os.environ['PATH']}")
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+# As a running user manager answers: `is-system-running` says so, daemon-reload works.
+USER_MANAGER = 'if [ "$2" = is-system-running ]; then echo running; fi'
+
+
+def test_setup_as_root_installs_the_rules_for_every_set_up_vault_and_reloads_udevd_and_the_user_manager(
+    tmp_path: Path, fresh_config: Path
+) -> None:
+    first = make_vault(tmp_path, name="first.kv")
+    second = make_vault(tmp_path, name="second.kv")
+    rules_dir = tmp_path / "rules"
+    log = tmp_path / "programs.log"
+    env = _fake_programs(tmp_path / "bin", log, systemctl=USER_MANAGER, udevadm="exit 0")
+    done = run_process("setup", first.container, "--mountpoint", tmp_path / "m1", "--rules-dir", rules_dir,
+                       env=env)
+    assert done.returncode == 0, done.stderr
+    assert _lines(log) == [
+        "systemctl --user is-system-running",
+        "systemctl --user daemon-reload",
+        "udevadm control --reload",
+    ]
+    assert "reloaded the systemd user manager (systemctl --user daemon-reload)" in done.stdout
+    rules = rules_dir / "70-kryptvault.rules"
+    assert f"wrote {rules} and reloaded udevd (udevadm control --reload)" in done.stdout
+    assert rules.read_text() == run_process("token", "udev", first.container, "--dry-run").stdout
+    # A second vault: one rules file for both, the first vault's rules are kept.
+    log.unlink()
+    done = run_process("setup", second.container, "--mountpoint", tmp_path / "m2", "--rules-dir", rules_dir,
+                       env=env)
+    assert done.returncode == 0, done.stderr
+    both = sorted([first, second], key=lambda v: v.uuid)  # the file lists vaults in UUID order
+    assert rules.read_text() == run_process("token", "udev", *(v.container for v in both),
+                                            "--dry-run").stdout
+    assert _lines(log)[-1] == "udevadm control --reload"
+    # Nothing new: the rules stay as they are and udevd is left alone.
+    log.unlink()
+    again = run_process("setup", first.container, "--rules-dir", rules_dir, env=env)
+    assert again.returncode == 0, again.stderr
+    assert f"the udev rules in {rules} are up to date" in again.stdout
+    assert _lines(log) == ["systemctl --user is-system-running", "systemctl --user daemon-reload"]
+
+
+def test_setup_failures_name_the_step_and_what_was_already_done(tmp_path: Path, fresh_config: Path) -> None:
+    vault = make_vault(tmp_path)
+    rules_dir = tmp_path / "rules"
+    config = fresh_config
+    log = tmp_path / "programs.log"
+    env = _fake_programs(tmp_path / "bin", log, udevadm="exit 0", systemctl=USER_MANAGER + """
+if [ "$2" = daemon-reload ]; then echo "Failed to reload daemon: Access denied" >&2; exit 1; fi""")
+    units = tmp_path / "units"
+    failed = run_process("setup", vault.container, "--mountpoint", tmp_path / "m", "--units-dir", units,
+                         "--rules-dir", rules_dir, env=env)
+    assert failed.returncode == 1
+    assert_clean_error(failed.stderr)
+    assert failed.stderr.strip() == (
+        "kryptvault: reloading the systemd user manager failed: systemctl --user daemon-reload: "
+        f"Failed to reload daemon: Access denied; already done: wrote the settings of vault {vault.uuid} "
+        f"to {config}; created the folder {tmp_path / 'm'}; installed the systemd user units in {units}; "
+        f"installed the desktop entry and its icon in {os.environ['XDG_DATA_HOME']}"
+    )
+    # What it says was done was done; what came after the failed step was not.
+    assert (units / "kryptvault-plug@.service").exists() and (tmp_path / "m").is_dir()
+    assert not rules_dir.exists() and "udevadm" not in log.read_text()
+    # The last step fails (a file where the rules directory's parent should be): the steps
+    # before it are listed, the user manager's reload among them.
+    env = _fake_programs(tmp_path / "bin", log, systemctl=USER_MANAGER, udevadm="exit 0")
+    (tmp_path / "etc").write_text("not a directory\n")
+    rules_dir = tmp_path / "etc" / "rules.d"
+    failed = run_process("setup", vault.container, "--units-dir", units, "--rules-dir", rules_dir, env=env)
+    assert failed.returncode == 1
+    assert_clean_error(failed.stderr)
+    assert failed.stderr.startswith("kryptvault: installing the udev rules failed: Not a directory: ")
+    assert failed.stderr.rstrip().endswith(
+        f"; already done: installed the systemd user units in {units}; installed the desktop entry and its "
+        f"icon in {os.environ['XDG_DATA_HOME']}; reloaded the systemd user manager (systemctl --user "
+        "daemon-reload)")
+    assert (tmp_path / "etc").read_text() == "not a directory\n"
+
+
+def test_setup_keeps_the_installed_rules_of_vaults_it_cannot_render(
+    tmp_path: Path, fresh_config: Path
+) -> None:
+    from kryptvault.token.base import TokenIdentity
+    from kryptvault.token.udev import render_rules
+
+    vault = make_vault(tmp_path)
+    other = make_vault(tmp_path, name="other.kv")
+    rules_dir = tmp_path / "rules"
+    rules = rules_dir / "70-kryptvault.rules"
+    config = Path(os.environ["XDG_CONFIG_HOME"]) / "kryptvault" / "config.toml"
+    # Installed earlier by `token udev` for a vault on a USB stick, never set up here.
+    stick_vault = uuid.uuid4()
+    stick = TokenIdentity("usb", vendor_id=0x46F4, product_id=1, serial="STICK-42")
+    rules_dir.mkdir()
+    rules.write_text(render_rules([(stick, stick_vault)]))
+    try:
+        assert run_process("setup", other.container, "--rules-dir", rules_dir).returncode == 0
+        # `other` is set up, then its container goes (a disk that is not plugged in).
+        other.container.rename(tmp_path / "elsewhere.kv")
+        done = run_process("setup", vault.container, "--rules-dir", rules_dir)
+        assert done.returncode == 0, done.stderr
+        kept = rules.read_text()
+        assert f"# vault {vault.uuid}" in kept
+        (note,) = [ln for ln in done.stdout.splitlines() if "keeping the installed rules of vaults" in ln]
+        assert str(stick_vault) in note and other.uuid in note and "with no settings here" in note
+        # Kept verbatim: the stick's access rules and its vault's lock-on-unplug rule.
+        for line in render_rules([(stick, stick_vault)]).splitlines()[3:]:
+            assert line in kept.splitlines()
+        assert f"# vault {other.uuid}: directory token" in kept
+        # The root command it prints (`token udev --keep-other-vaults`) writes the same file,
+        # and a second setup finds it up to date.
+        again = run_process("token", "udev", vault.container, "--no-units", "--keep-other-vaults",
+                            "--rules-dir", rules_dir, "--dry-run")
+        assert again.stdout == kept
+        assert "are up to date" in run_process("setup", vault.container, "--rules-dir", rules_dir).stdout
+        assert rules.read_text() == kept
+    finally:
+        config.unlink()
+
+
+def test_setup_as_a_user_prints_the_one_root_command_and_with_the_flag_runs_it_through_sudo(
+    tmp_path: Path,
+) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run setup as another user")
+    vault = make_vault(tmp_path)
+    # A user's world, owned by nobody: home, XDG dirs, the container, a rules directory
+    # (standing in for /etc/udev/rules.d) that only the fake sudo's command writes to.
+    user = Path(tempfile.mkdtemp(prefix="kvuser-", dir="/tmp"))
+    try:
+        user.chmod(0o755)
+        container = user / "vault.kv"
+        shutil.copy(vault.container, container)
+        rules_dir = user / "rules"
+        for name in ("home", "run", "config", "data", "state", "rules"):
+            (user / name).mkdir(mode=0o700)
+        log = user / "programs.log"
+        # The fake sudo only records: nobody cannot run this interpreter (it lives under
+        # /root); the test runs the recorded command as root itself, below.
+        env = _fake_programs(user / "bin", log, systemctl="exit 1", sudo="exit 0")
+        env.update(HOME=str(user / "home"), XDG_RUNTIME_DIR=str(user / "run"),
+                   XDG_CONFIG_HOME=str(user / "config"), XDG_DATA_HOME=str(user / "data"),
+                   XDG_STATE_HOME=str(user / "state"))
+        env.pop("KRYPTVAULT_UDEV_RULES_DIR")
+        subprocess.run(["chown", "-R", "65534:65534", str(user)], check=True)
+
+        def as_user(*args: str | Path) -> subprocess.CompletedProcess[str]:
+            command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                       str(Path(sys.executable).parent / "kryptvault"), *map(str, args)]
+            return subprocess.run(command, env=env, cwd=user, capture_output=True, text=True,
+                                  stdin=subprocess.DEVNULL, timeout=120)
+
+        told = as_user("setup", container, "--rules-dir", rules_dir)
+        assert told.returncode == 0, told.stderr
+        (hint,) = [line for line in told.stdout.splitlines() if "needs root" in line]
+        prefix = "to mount on plug and lock on unplug, install the udev rules (needs root): sudo /"
+        assert hint.startswith(prefix)
+        assert hint.endswith(f"/kryptvault token udev {container} --no-units --keep-other-vaults "
+                             f"--rules-dir {rules_dir}")
+        assert not (rules_dir / "70-kryptvault.rules").exists() and "sudo" not in log.read_text()
+        dry = as_user("setup", container, "--rules-dir", rules_dir, "--install-udev-rules", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert f"would run: {' '.join(hint.split()[-9:])}" in dry.stdout.splitlines()
+        assert "sudo" not in log.read_text()
+
+        ran = as_user("setup", container, "--rules-dir", rules_dir, "--install-udev-rules")
+        assert ran.returncode == 0, ran.stderr
+        (sudo,) = [line.split() for line in _lines(log) if line.startswith("sudo ")]
+        assert sudo == hint.split()[-9:]  # it ran the command it prints
+        assert f"installed the udev rules in {rules_dir / '70-kryptvault.rules'} (with sudo)" in ran.stdout
+        # Run as root, that command writes the rules `token udev` renders, and no units.
+        as_root = subprocess.run(sudo[1:], capture_output=True, text=True, timeout=120,
+                                 stdin=subprocess.DEVNULL)
+        assert as_root.returncode == 0, as_root.stderr
+        rules = (rules_dir / "70-kryptvault.rules").read_text()
+        assert rules == run_process("token", "udev", container, "--dry-run").stdout
+        assert f"# vault {vault.uuid}" in rules
+        assert as_root.stdout.splitlines()[0] == f"wrote {rules_dir / '70-kryptvault.rules'}"
+
+        (rules_dir / "70-kryptvault.rules").unlink()
+        _fake_programs(user / "bin", log, sudo='echo "sudo: a password is required" >&2; exit 1')
+        refused = as_user("setup", container, "--rules-dir", rules_dir, "--install-udev-rules")
+        assert refused.returncode == 1
+        assert refused.stderr.splitlines()[0] == "sudo: a password is required"
+        assert_clean_error(refused.stderr.split("\n", 1)[1])
+        assert refused.stderr.split("\n", 1)[1].startswith(
+            "kryptvault: installing the udev rules failed: `/")
+        assert "ended with status 1; already done: installed the systemd user units in " in refused.stderr
+        assert not (rules_dir / "70-kryptvault.rules").exists()
+    finally:
+        shutil.rmtree(user, ignore_errors=True)

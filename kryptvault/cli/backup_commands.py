@@ -6,8 +6,9 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,8 +24,11 @@ from kryptvault.cli.progress import Progress
 from kryptvault.cli.units import human_size
 from kryptvault.container.vault import read_container_header
 from kryptvault.crypto.secret import harden_process
-from kryptvault.errors import IntegrityError, UsageError
+from kryptvault.errors import IntegrityError, KryptvaultError, UsageError
 from kryptvault.session.audit import AuditLog
+
+if TYPE_CHECKING:
+    from kryptvault.backup.auto import AutoOutcome
 
 dest_argument = click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 backup_argument = click.argument("backup", type=click.Path(file_okay=False, path_type=Path))
@@ -231,18 +235,86 @@ def backup_auto(container: Path, after_lock: bool, wait_seconds: float) -> None:
     config = load_config(header.vault_uuid)
     if after_lock and not config.after_lock:
         return
-    if not config.destinations:
-        raise UsageError(f"no backup destinations are configured in {config_path()}")
-    if after_lock:
-        wait_until_unmounted(container, wait_seconds)
-    with AuditLog() as audit:
-        outcomes = run_auto_backup(container.absolute(), header.vault_uuid, config, audit)
+    # After a lock the user has just seen "Vault locked" and expects to hear how the backup
+    # went; a timer's run reports only a failure, and only when no terminal shows it.
+    notify = after_lock or not sys.stderr.isatty()
+    try:
+        if not config.destinations:
+            raise UsageError(f"no backup destinations are configured in {config_path()}")
+        if after_lock:
+            wait_until_unmounted(container, wait_seconds)
+        with AuditLog() as audit:
+            outcomes = run_auto_backup(container.absolute(), header.vault_uuid, config, audit)
+    except (KryptvaultError, OSError) as exc:
+        if notify:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            _notify_backup(header.vault_uuid.hex[:8], [], container, failure=reason)
+        raise
     for outcome in outcomes:
         click.echo(
             f"{outcome.destination}: {outcome.status}" + (f" ({outcome.detail})" if outcome.detail else "")
         )
-    if any(o.status == "failed" for o in outcomes):
+    failed = any(o.status == "failed" for o in outcomes)
+    if after_lock or (notify and failed):
+        _notify_backup(header.vault_uuid.hex[:8], outcomes, container)
+    if failed:
         sys.exit(1)
+
+
+def _notify_backup(
+    label: str, outcomes: Sequence[AutoOutcome], container: Path, failure: str | None = None
+) -> None:
+    """"Backup finished" / "Backup failed" (critical) on the session bus, if there is one.
+    Destinations are named by their place in config.toml and the vault by its short id:
+    a notification can show on a locked screen, so no path or file name is in it."""
+    with contextlib.suppress(Exception):  # never changes the backup's outcome or status
+        from kryptvault.session.desktop import notify_once
+
+        summary, body, critical = _backup_notification(label, outcomes, container, failure)
+        notify_once(summary, body, critical)
+
+
+def _backup_notification(
+    label: str, outcomes: Sequence[AutoOutcome], container: Path, failure: str | None = None
+) -> tuple[str, str, bool]:
+    """(summary, body, critical) for the outcome of `backup auto`."""
+    total = len(outcomes)
+
+    def which(status: str) -> str:
+        numbers = [str(i + 1) for i, o in enumerate(outcomes) if o.status == status]
+        if len(numbers) == 1:
+            return f"destination {numbers[0]}"
+        return f"destinations {', '.join(numbers[:-1])} and {numbers[-1]}"
+
+    def scrub(text: str) -> str:
+        for i, outcome in enumerate(outcomes):
+            text = text.replace(os.fspath(outcome.destination), f"destination {i + 1}")
+        text = text.replace(os.fspath(container.absolute()), "the container")
+        text = text.replace(os.fspath(container), "the container")
+        text = " ".join(text.split()).rstrip(".")
+        return text if len(text) <= 200 else text[:199] + "…"
+
+    failed = [o for o in outcomes if o.status == "failed"]
+    done = any(o.status == "done" for o in outcomes)
+    skipped = any(o.status == "skipped" for o in outcomes)
+    if failure is not None or failed:
+        reason = scrub(failure if failure is not None else failed[0].detail)
+        if failure is not None:
+            return "Backup failed", f"Vault {label} was not backed up: {reason}.", True
+        body = f"Vault {label}: the backup to {which('failed')} of {total} failed: {reason}."
+        if done:
+            body += f" Backed up to {which('done')}."
+        return "Backup failed", body, True
+    if done:
+        if total == 1:
+            body = f"Vault {label} was backed up to its destination."
+        elif not skipped:
+            body = f"Vault {label} was backed up to its {total} destinations."
+        else:
+            body = (f"Vault {label} was backed up to {which('done')} of {total}; "
+                    f"{which('skipped')} not reachable.")
+        return "Backup finished", body, False
+    return "Backup skipped", f"Vault {label} was not backed up: no destination was reachable.", False
 
 
 @backup.command("list")

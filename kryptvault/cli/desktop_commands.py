@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,23 +18,33 @@ import click
 from kryptvault.cli.app import cli
 from kryptvault.cli.options import container_argument
 from kryptvault.cli.output import say
+from kryptvault.cli.token_commands import udev_rules_for, with_other_vaults_kept
 from kryptvault.cli.unit_files import (
-    USER_UNITS,
     data_home,
     default_units_dir,
     desktop_files,
     install_desktop_files,
     install_user_units,
+    unit_texts,
+    write_text_file,
 )
 from kryptvault.container.vault import read_container_header
 from kryptvault.durable import replace_file
 from kryptvault.errors import KryptvaultError, UsageError
 from kryptvault.session import fusectl
-from kryptvault.session.config import VaultPrefs, config_path, load_vault_prefs, updated_config_text
+from kryptvault.session.config import (
+    VaultPrefs,
+    all_vault_prefs,
+    config_path,
+    load_vault_prefs,
+    updated_config_text,
+)
 from kryptvault.session.paths import config_dir
 from kryptvault.session.pinentry import PinentryCancelled, PinentryFailed, ask_password, ask_with_program
 
 F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_RULES_DIR = Path("/etc/udev/rules.d")
+RULES_NAME = "70-kryptvault.rules"
 
 
 def _yes_no(flag: str, help_text: str) -> Callable[[F], F]:
@@ -57,7 +70,21 @@ def _yes_no(flag: str, help_text: str) -> Callable[[F], F]:
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the systemd user units go (default: ~/.config/systemd/user).",
 )
-@click.option("--dry-run", is_flag=True, help="Show what would be written; write nothing.")
+@click.option(
+    "--install-udev-rules",
+    is_flag=True,
+    help="Not root: install the udev rules through sudo (or pkexec), which asks for a password. "
+    "As root they are installed anyway.",
+)
+@click.option(
+    "--rules-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_RULES_DIR,
+    envvar="KRYPTVAULT_UDEV_RULES_DIR",
+    show_default=True,
+    help="Where the udev rules go.",
+)
+@click.option("--dry-run", is_flag=True, help="Show every file and command; write and run nothing.")
 def setup(
     container: Path,
     mountpoint: Path | None,
@@ -67,10 +94,14 @@ def setup(
     lock_on_logout: bool | None,
     idle_minutes: float | None,
     units_dir: Path | None,
+    install_udev_rules: bool,
+    rules_dir: Path,
     dry_run: bool,
 ) -> None:
-    """Write CONTAINER's desktop settings (mount point, when to lock) to config.toml;
-    `kryptvault mount CONTAINER` then needs no mount point."""
+    """Set CONTAINER up for the desktop in one step: its settings (mount point, when to
+    lock) in config.toml, the systemd user units (and `systemctl --user daemon-reload`), the
+    desktop entry, and the udev rules (as root; otherwise with --install-udev-rules, or the
+    one command to run is printed). `kryptvault mount CONTAINER` then needs no mount point."""
     container = container.resolve()
     if not container.is_file():
         raise UsageError(f"{container} is not a file")
@@ -91,41 +122,208 @@ def setup(
     ):
         if value is not None:
             setattr(prefs, name, value)
+    # Everything is worked out before the first write: a bad config or a missing unit
+    # template stops setup with nothing changed.
     path = config_path()
     old, new = updated_config_text(prefs, path)
     units = units_dir or default_units_dir()
-    rules_hint = f"sudo kryptvault token udev {container} --units-dir {units}"
+    unit_names = list(unit_texts())
+    desktop = desktop_files(data_home())
+    rules = _plan_rules(container, vault, rules_dir)
+    root = os.geteuid() == 0
+    elevate = install_udev_rules and not root and not rules.current
     if dry_run:
-        click.echo(f"would write to {path}:")
+        click.echo(f"would write to {path}:" if new != old else f"{path}: no change to")
         click.echo(prefs.to_toml(), nl=False)
         if not prefs.mountpoint.exists():
             click.echo(f"would create the folder {prefs.mountpoint}")
-        click.echo(f"would install the systemd user units {', '.join(USER_UNITS)} in {units}")
-        for file in desktop_files(data_home()):
+        click.echo(f"would install the systemd user units {', '.join(unit_names)} in {units}")
+        for file in desktop:
             click.echo(f"would install {file}")
-        click.echo(f"the udev rules need root: {rules_hint}")
+        click.echo("would run: systemctl --user daemon-reload (when a systemd user manager is running)")
+        _show_rules_step(rules, root, elevate, dry_run=True)
         return
-    config_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
-    if new != old:
+    done: list[str] = []
+
+    def step(what: str, action: Callable[[], str | None]) -> None:
+        try:
+            message = action()
+        except (KryptvaultError, OSError, subprocess.SubprocessError) as exc:
+            if isinstance(exc, OSError) and exc.strerror:
+                reason = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+            else:
+                reason = str(exc)
+            so_far = f"already done: {'; '.join(done)}" if done else "nothing was changed"
+            raise KryptvaultError(f"{what} failed: {reason}; {so_far}") from None
+        if message:
+            say(message)
+            done.append(message)
+
+    def write_config() -> str | None:
+        if new == old:
+            return None
+        config_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
         replace_file(path, new.encode())
-    if not prefs.mountpoint.exists():
+        return f"wrote the settings of vault {vault} to {path}"
+
+    def make_folder() -> str | None:
+        assert prefs.mountpoint is not None
+        if prefs.mountpoint.exists():
+            return None
         prefs.mountpoint.mkdir(mode=0o700, parents=True)
-        say(f"created the folder {prefs.mountpoint}")
-    install_user_units(units)
-    say(f"installed the systemd user units in {units} (`systemctl --user daemon-reload` loads them)")
-    install_desktop_files(data_home())
-    say(f"wrote the settings of vault {vault} to {path}; `kryptvault mount {container}` mounts it on "
-        f"{prefs.mountpoint}")
-    if not _rules_name(vault.hex):
-        say(f"to mount on plug and lock on unplug, install the udev rules (needs root): {rules_hint}")
+        return f"created the folder {prefs.mountpoint}"
+
+    def units_step() -> str:
+        install_user_units(units)
+        return f"installed the systemd user units in {units}"
+
+    def desktop_step() -> str:
+        install_desktop_files(data_home())
+        return f"installed the desktop entry and its icon in {data_home()}"
+
+    step("writing the settings", write_config)
+    step("creating the mount point", make_folder)
+    step("installing the systemd user units", units_step)
+    step("installing the desktop entry", desktop_step)
+    step("reloading the systemd user manager", _reload_user_manager)
+    if root:
+        step("installing the udev rules", lambda: _install_rules(rules))
+    elif elevate:
+        step("installing the udev rules", lambda: _install_rules_elevated(rules))
+    else:
+        _show_rules_step(rules, root, elevate, dry_run=False)
+    say(f"`kryptvault mount {container}` mounts vault {vault} on {prefs.mountpoint}")
 
 
-def _rules_name(vault_hex: str, rules: Path = Path("/etc/udev/rules.d/70-kryptvault.rules")) -> bool:
-    """Do the installed udev rules name this vault?"""
+@dataclass
+class _RulesPlan:
+    path: Path
+    text: str
+    current: bool  # the installed file is exactly `text`
+    kept: list[str]  # vaults with no settings here whose installed rules `text` keeps
+    command: list[str]  # what root runs to install `text`
+
+
+def _plan_rules(container: Path, vault: uuid.UUID, rules_dir: Path) -> _RulesPlan:
+    """The rules file covers every vault set up in config.toml, not only this one: it is
+    one file, and writing it for one vault must not drop the others' rules (those of a
+    vault with no settings here, or on a disk that is not there, are kept as installed)."""
+    by_vault = {vault: container}
+    for other in all_vault_prefs():
+        if other.vault_uuid is None or other.vault_uuid in by_vault or other.container is None:
+            continue
+        try:
+            found = read_container_header(other.container).header.vault_uuid
+        except (KryptvaultError, OSError):
+            continue  # on a disk that is not there: left out, and said so if it had rules
+        if found == other.vault_uuid:
+            by_vault[found] = other.container
+    covered = set(by_vault)
+    # In UUID order: the same vaults give the same file, whichever was set up last.
+    containers = [by_vault[v] for v in sorted(by_vault, key=str)]
+    text, _ = udev_rules_for(containers)
+    rules_path = rules_dir / RULES_NAME
     try:
-        return vault_hex in rules.read_text()
+        installed = rules_path.read_text()
     except OSError:
-        return False
+        installed = ""
+    text, kept = with_other_vaults_kept(text, installed, covered)
+    command = [_executable(), "token", "udev", *map(str, containers), "--no-units", "--keep-other-vaults"]
+    if rules_dir != DEFAULT_RULES_DIR:
+        command += ["--rules-dir", str(rules_dir)]
+    return _RulesPlan(rules_path, text, installed == text, kept, command)
+
+
+def _executable() -> str:
+    # Absolute: sudo's secure_path and pkexec's clean environment do not find a virtualenv.
+    return shutil.which("kryptvault") or str(Path(sys.executable).parent / "kryptvault")
+
+
+def _elevator() -> str | None:
+    return shutil.which("sudo") or shutil.which("pkexec")
+
+
+def _show_rules_step(rules: _RulesPlan, root: bool, elevate: bool, dry_run: bool) -> None:
+    """Dry run: what the udev step would do. Otherwise (not root, no --install-udev-rules):
+    the one command to run, unless the installed rules are already these."""
+    if rules.current:
+        say(f"the udev rules in {rules.path} are up to date")
+        return
+    kept = _kept_note(rules)
+    if dry_run and root:
+        click.echo(f"would write {rules.path}{kept}")
+        click.echo("would run: udevadm control --reload")
+        return
+    command = shlex.join([os.path.basename(_elevator() or "sudo"), *rules.command])
+    if dry_run and elevate:
+        click.echo(f"would run: {command}{kept}")
+        return
+    text = f"to mount on plug and lock on unplug, install the udev rules (needs root): {command}{kept}"
+    if dry_run:
+        click.echo(text)
+    else:
+        say(text)
+
+
+def _kept_note(rules: _RulesPlan) -> str:
+    if not rules.kept:
+        return ""
+    which = "vault" if len(rules.kept) == 1 else "vaults"
+    return f" (keeping the installed rules of {which} {', '.join(rules.kept)}, with no settings here)"
+
+
+def _install_rules(rules: _RulesPlan) -> str | None:
+    """As root: write the rules file (atomically) and have udevd read it."""
+    if rules.current:
+        say(f"the udev rules in {rules.path} are up to date")
+        return None
+    rules.path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_file(rules.path, rules.text)
+    udevadm = shutil.which("udevadm")
+    reload = None
+    if udevadm is not None:
+        reload = subprocess.run([udevadm, "control", "--reload"], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=60, check=False)
+    if reload is None or reload.returncode != 0:
+        return (f"wrote {rules.path}{_kept_note(rules)}; udevd is not running here (`udevadm control "
+                "--reload` failed): it reads the rules when it starts")
+    return f"wrote {rules.path}{_kept_note(rules)} and reloaded udevd (udevadm control --reload)"
+
+
+def _install_rules_elevated(rules: _RulesPlan) -> str:
+    """Not root, asked to: `sudo kryptvault token udev ... --no-units` (pkexec without sudo),
+    on this terminal so that it can ask its password."""
+    elevator = _elevator()
+    if elevator is None:
+        raise KryptvaultError(
+            f"neither sudo nor pkexec is installed; as root, run: {shlex.join(rules.command)}"
+        )
+    command = [elevator, *rules.command]
+    ran = subprocess.run(command, check=False)
+    if ran.returncode != 0:
+        raise KryptvaultError(f"`{shlex.join(command)}` ended with status {ran.returncode}")
+    return f"installed the udev rules in {rules.path} (with {os.path.basename(elevator)})"
+
+
+def _reload_user_manager() -> str | None:
+    """`systemctl --user daemon-reload` when a user manager is there to reload. Nothing to
+    enable: the units are templates that udev's SYSTEMD_USER_WANTS starts."""
+    systemctl = shutil.which("systemctl")
+    if systemctl is None:
+        say("no systemctl here: a systemd user manager reads the units when it starts")
+        return None
+    probe = subprocess.run([systemctl, "--user", "is-system-running"], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=30, check=False)
+    # "offline": no manager to talk to (no session, a container, su without a login).
+    if probe.stdout.strip() in ("", "offline", "unknown"):
+        say("no systemd user manager is reachable here: it reads the units when it starts")
+        return None
+    reload = subprocess.run([systemctl, "--user", "daemon-reload"], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60, check=False)
+    if reload.returncode != 0:
+        why = " ".join(reload.stderr.split()) or f"status {reload.returncode}"
+        raise KryptvaultError(f"systemctl --user daemon-reload: {why}")
+    return "reloaded the systemd user manager (systemctl --user daemon-reload)"
 
 
 PLUG_TRIES = 3

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import click
@@ -49,7 +50,7 @@ from kryptvault.token.discover import discover_usb_sticks
 from kryptvault.token.fido2key import Fido2Identity, is_fido2_spec, list_authenticators
 from kryptvault.token.resolve import mount_hint, resolve_token
 from kryptvault.token.share import SHARE_DIR_NAME, SUFFIX, Share, list_share_uuids, share_path
-from kryptvault.token.udev import render_rules, unit_instance
+from kryptvault.token.udev import FIDO2_RULES, render_rules, unit_instance
 
 
 @cli.group()
@@ -538,6 +539,61 @@ def _delete_revoked_share(
     return path, None
 
 
+def udev_rules_for(containers: Sequence[Path]) -> tuple[str, list[tuple[TokenIdentity, uuid.UUID]]]:
+    """The rules file for the tokens of these containers, and its (token, vault) entries."""
+    entries = []
+    fido2 = False
+    for container in containers:
+        header = read_container_header(container).header
+        entries += [(ident, header.vault_uuid) for ident in slot_identities(header).values()]
+        fido2 = fido2 or bool(fido2_identities(header))
+    return render_rules(entries, fido2=fido2), entries
+
+
+_VAULT_BLOCK = re.compile(r"^# vault ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\b")
+KEPT_HEADER = "\n# Kept from the rules installed before: vaults not named when they were rewritten\n"
+
+
+def with_other_vaults_kept(rules: str, installed: str, covered: set[uuid.UUID]) -> tuple[str, list[str]]:
+    """`rules` plus the installed file's rules for vaults not in `covered`, verbatim (with
+    their stick's access rules): there is one rules file, and rewriting it for some vaults
+    must not silently drop another vault's lock on unplug. Returns the text and the vaults
+    kept. The kept part parses the same way again, so the result is stable."""
+    lines = installed.splitlines(keepends=True)
+    kept: list[str] = []
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        found = _VAULT_BLOCK.match(lines[i])
+        if found is None or uuid.UUID(found[1]) in covered:
+            i += 1
+            continue
+        block = [lines[i]]
+        i += 1
+        while i < len(lines) and lines[i].strip() and not lines[i].startswith("#"):
+            block.append(lines[i])
+            i += 1
+        for serial in re.findall(r'ENV\{ID_SERIAL_SHORT\}=="([^"]+)"', "".join(block)):
+            marker = f'ATTR{{serial}}=="{serial}"'
+            if marker in rules or marker in "".join(out):
+                continue
+            for j, line in enumerate(lines):
+                if marker in line:
+                    start = j - 1 if j > 0 and lines[j - 1].startswith("#") else j
+                    end = j + 1
+                    while end < len(lines) and lines[end].strip() and not lines[end].startswith("#"):
+                        end += 1
+                    out += lines[start:end]
+                    break
+        out += block
+        if found[1] not in kept:
+            kept.append(found[1])
+    if not out:
+        return rules, []
+    fido2 = FIDO2_RULES if FIDO2_RULES.strip() in installed and FIDO2_RULES.strip() not in rules else ""
+    return rules.rstrip("\n") + "\n" + KEPT_HEADER + fido2 + "".join(out), kept
+
+
 @token.command("udev")
 @click.argument("containers", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -551,24 +607,43 @@ def _delete_revoked_share(
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the systemd user units go (default: ~/.config/systemd/user).",
 )
+@click.option(
+    "--no-units",
+    is_flag=True,
+    help="Only the rules (`kryptvault setup` installed the user units as the user).",
+)
+@click.option(
+    "--keep-other-vaults",
+    is_flag=True,
+    help="Keep the installed rules of vaults whose containers are not given (as `kryptvault setup` does).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the rules instead of installing them.")
-def token_udev(containers: tuple[Path, ...], rules_dir: Path, units_dir: Path | None, dry_run: bool) -> None:
+def token_udev(
+    containers: tuple[Path, ...],
+    rules_dir: Path,
+    units_dir: Path | None,
+    no_units: bool,
+    keep_other_vaults: bool,
+    dry_run: bool,
+) -> None:
     """Render udev rules (uaccess + lock on removal) for the tokens of CONTAINERS and reload udev."""
-    entries = []
-    fido2 = False
-    for container in containers:
-        header = read_container_header(container).header
-        entries += [(ident, header.vault_uuid) for ident in slot_identities(header).values()]
-        fido2 = fido2 or bool(fido2_identities(header))
-    rules = render_rules(entries, fido2=fido2)
+    rules, entries = udev_rules_for(containers)
+    rules_path = rules_dir / "70-kryptvault.rules"
+    if keep_other_vaults:
+        try:
+            installed = rules_path.read_text()
+        except FileNotFoundError:
+            installed = ""
+        covered = {read_container_header(c).header.vault_uuid for c in containers}
+        rules, _ = with_other_vaults_kept(rules, installed, covered)
     if dry_run:
         click.echo(rules, nl=False)
         return
-    rules_path = rules_dir / "70-kryptvault.rules"
     write_text_file(rules_path, rules)
     units = units_dir or default_units_dir()
-    install_user_units(units)
+    if not no_units:
+        install_user_units(units)
     if shutil.which("udevadm"):
         subprocess.run(["udevadm", "control", "--reload"], check=False)
-    click.echo(f"wrote {rules_path} and the units in {units}")
+    click.echo(f"wrote {rules_path}" + ("" if no_units else f" and the units in {units}"))
     click.echo(f"instances: {', '.join(unit_instance(v) for _, v in entries) or 'none'}")

@@ -15,7 +15,9 @@ USER_UNITS = ("kryptvault-guard@.service", "kryptvault-lock@.service", "kryptvau
 
 
 def default_units_dir() -> Path:
-    return Path.home() / ".config" / "systemd" / "user"
+    # Where `systemd --user` looks: $XDG_CONFIG_HOME/systemd/user, ~/.config only without it.
+    config = os.environ.get("XDG_CONFIG_HOME")
+    return (Path(config) if config else Path.home() / ".config") / "systemd" / "user"
 
 
 def unit_texts() -> dict[str, str]:

@@ -209,6 +209,37 @@ def _allocate(fd: int, offset: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait
 
+# At most this much per write(2). A 2 MiB or larger buffered write makes the host's page
+# cache take 2 MiB folios; on a VM that reports free memory to its hypervisor (virtio
+# free page reporting, order 9) those come from discarded memory and cost ~20 µs per
+# page to fault back in: 4 MiB pwrites into a new file ran at ~160 MB/s there, 1 MiB
+# ones at 1.5-4.6 GB/s (the README's performance section).
+_PWRITE_MAX = 1 << 20
+
+
+def _write_batches(
+    bufs: list[memoryview] | list[bytes], limit: int = _PWRITE_MAX
+) -> Iterator[list[memoryview] | list[bytes]]:
+    """`bufs` cut into consecutive lists of at most `limit` bytes each (a longer buffer
+    is sliced), in order; one list when all of it fits."""
+    if sum(len(b) for b in bufs) <= limit:
+        yield bufs
+        return
+    batch: list[memoryview] = []
+    room = limit
+    for buf in bufs:
+        view = memoryview(buf)
+        while len(view):
+            take = view[:room]
+            batch.append(take)
+            view = view[len(take):]
+            room -= len(take)
+            if room == 0:
+                yield batch
+                batch, room = [], limit
+    if batch:
+        yield batch
+
 
 class _Writer:
     """Collects sealed blocks bound for consecutive units into a staging buffer and hands
@@ -335,7 +366,7 @@ class _Writer:
             try:
                 if self._error is None:
                     store._pwrite(bufs, offset)
-                    if _SYNC_FILE_RANGE is not None:
+                    if _SYNC_FILE_RANGE is not None and not os.environ.get("KV_NOSFR"):
                         _SYNC_FILE_RANGE(store._fd, offset, sum(len(b) for b in bufs),
                                          _SYNC_FILE_RANGE_WRITE)
             except BaseException as exc:  # reported by wait()
@@ -630,15 +661,17 @@ class ObjectStore:
 
     # ------------------------------------------------------------------ low-level I/O
     def _pwrite(self, bufs: list[memoryview] | list[bytes], offset: int) -> None:
-        total = sum(len(b) for b in bufs)
         fd = self._fd
-        done = os.pwrite(fd, bufs[0], offset) if len(bufs) == 1 else os.pwritev(fd, bufs, offset)
-        if done != total:  # short write: finish it with one more call
-            rest = b"".join(bytes(b) for b in bufs)[done:]
-            while rest:
-                n = os.pwrite(self._fd, rest, offset + done)
-                done += n
-                rest = rest[n:]
+        for batch in _write_batches(bufs):
+            total = sum(len(b) for b in batch)
+            done = os.pwrite(fd, batch[0], offset) if len(batch) == 1 else os.pwritev(fd, batch, offset)
+            if done != total:  # short write: finish it
+                rest = b"".join(bytes(b) for b in batch)[done:]
+                while rest:
+                    n = os.pwrite(fd, rest, offset + done)
+                    done += n
+                    rest = rest[n:]
+            offset += total
         self._writes += 1
         if self._writes == self._crash_after:
             os._exit(75)
@@ -1398,22 +1431,40 @@ class ObjectStore:
         if not 0 < oid < len(self._inuse) or not self._inuse[oid]:
             raise UnknownObject(f"object {oid} is not in use")
         # Both roots in one read of the entry: a stat asks for both streams' sizes.
-        raw = self._read_from(self._table, oid * fmt.ENTRY_SIZE, fmt.ATTR_OFFSET)
+        raw = self._table_bytes(oid * fmt.ENTRY_SIZE, fmt.ATTR_OFFSET)
+        found = self._load_roots(oid, raw, stream)
+        assert found is not None
+        return found
+
+    def _table_bytes(self, offset: int, size: int) -> bytes:
+        """`_read_from(table, ...)` for a piece inside one block: every stat reads its
+        entry, and the general loop's overhead showed in the cold `stat` benchmark."""
+        t = self._table
+        idx, boff = divmod(offset, self._bs)
+        if offset + size > t.size or boff + size > self._bs:
+            return self._read_from(t, offset, size)
+        blk = self._data_block(t, idx)
+        if blk is None or len(blk) < boff + size:
+            return self._read_from(t, offset, size)  # a hole or a stripped zero tail
+        return bytes(blk[boff : boff + size])
+
+    def _load_roots(self, oid: int, raw: bytes, wanted: int) -> _Stream | None:
+        """Cache the streams of entry `raw` not cached yet; return stream `wanted` (-1: none).
+        A root of impossible depth is reported only when its stream is asked for."""
         found: _Stream | None = None
         for number, offset in enumerate(fmt.ROOT_OFFSETS):
             other = (oid, number)
-            if number != stream and other in self._streams:
+            if number != wanted and other in self._streams:
                 continue
             size, depth, root = fmt.unpack_root(raw, offset)
             if depth > self._max_depth:
-                if number != stream:
-                    continue  # reported when that stream is asked for
-                raise BlockIntegrityError(oid, stream, depth, 0, f"stream root has depth {depth}")
+                if number != wanted:
+                    continue
+                raise BlockIntegrityError(oid, wanted, depth, 0, f"stream root has depth {depth}")
             loaded = _Stream(oid, number, size, depth, root)
             self._streams[other] = loaded
-            if number == stream:
+            if number == wanted:
                 found = loaded
-        assert found is not None
         return found
 
     def _check_oid(self, oid: int) -> None:
@@ -1495,7 +1546,12 @@ class ObjectStore:
         with self._lock:
             self._check_open()
             self._check_oid(oid)
-            return self._read_from(self._table, oid * fmt.ENTRY_SIZE + fmt.ATTR_OFFSET, fmt.ATTR_SIZE)
+            if (oid, 0) in self._streams and (oid, 1) in self._streams:
+                return self._table_bytes(oid * fmt.ENTRY_SIZE + fmt.ATTR_OFFSET, fmt.ATTR_SIZE)
+            # An inode is loaded to be used: its streams' roots come with the same read.
+            raw = self._table_bytes(oid * fmt.ENTRY_SIZE, fmt.ENTRY_SIZE)
+            self._load_roots(oid, raw, -1)
+            return raw[fmt.ATTR_OFFSET:]
 
     def set_attrs(self, oid: int, attrs: bytes) -> None:
         if len(attrs) != fmt.ATTR_SIZE:
@@ -1556,19 +1612,51 @@ class ObjectStore:
         what it would store now, instead of its flushed version (`st_blocks`, `du`)."""
         with self._lock:
             self._check_open()
-            s = self._stream(oid, stream)
-            if s.units < 0:
-                s.units = self._count_units(s)
-            n = s.units
+            return self._stored_bytes(self._stream(oid, stream))
+
+    def size_and_stored(self, oid: int) -> tuple[int, int]:
+        """(size of stream 0, stored bytes of both streams): what a stat needs, in one call
+        because a cold `stat` of many files spends its time in per-call overhead."""
+        with self._lock:
+            self._check_open()
+            data = self._stream(oid, 0)
+            return data.size, self._stored_bytes(data) + self._stored_bytes(self._stream(oid, 1))
+
+    def stat_object(self, oid: int) -> tuple[bytes, int, int] | None:
+        """(attributes, size of stream 0, stored bytes of both streams) of an object, None if
+        it is not in use: a cold `stat` of a file in one call, as `get_attrs` then
+        `size_and_stored` would give."""
+        with self._lock:
+            self._check_open()
+            if not 0 < oid < len(self._inuse) or not self._inuse[oid]:
+                return None
+            streams = self._streams
+            data, aux = streams.get((oid, 0)), streams.get((oid, 1))
+            if data is None or aux is None:
+                raw = self._table_bytes(oid * fmt.ENTRY_SIZE, fmt.ENTRY_SIZE)
+                self._load_roots(oid, raw, -1)
+                attrs = raw[fmt.ATTR_OFFSET:]
+                data, aux = self._stream(oid, 0), self._stream(oid, 1)
+            else:
+                attrs = self._table_bytes(oid * fmt.ENTRY_SIZE + fmt.ATTR_OFFSET, fmt.ATTR_SIZE)
+            return attrs, data.size, self._stored_bytes(data) + self._stored_bytes(aux)
+
+    def _stored_bytes(self, s: _Stream) -> int:
+        if s.units < 0:
+            s.units = self._count_units(s)
+        n = s.units
+        if s.dirty:
             us = self._us
-            copies = METADATA_COPIES if stream == 0 and oid in self._meta_oids else 1
+            copies = METADATA_COPIES if s.stream == 0 and s.oid in self._meta_oids else 1
             for (level, index), buf in s.dirty.items():
                 if level == 0:
                     n += copies * fmt.stored_units(buf, us) - _ptr_units(self._ptr_of(s, 0, index))
-            return max(n, 0) * us
+        return max(n, 0) * self._us
 
     def _count_units(self, s: _Stream) -> int:
         """Walk the tree once (indirect blocks only; dirty nodes stand in for theirs)."""
+        if s.depth == 0:
+            return _ptr_units(s.root)  # most files: one block, nothing to walk
         f = self._fanout
         total = 0
         stack = [(s.depth, 0, s.root)]

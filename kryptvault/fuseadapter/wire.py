@@ -102,6 +102,7 @@ IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid 
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
 ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # fuse_attr, 88 bytes
 ENTRY_OUT = struct.Struct("<QQQQII")  # nodeid gen entry_valid attr_valid nsec nsec (+attr)
+ENTRY_ATTR_OUT = struct.Struct("<QQQQII" + ATTR.format[1:])  # both in one pack
 ATTR_OUT = struct.Struct("<QII")  # attr_valid nsec dummy (+attr)
 INIT_IN = struct.Struct("<IIIII")  # major minor max_readahead flags flags2
 INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")  # 64 bytes

@@ -179,6 +179,13 @@ def load_vault_prefs(
     return None
 
 
+def all_vault_prefs(path: Path | None = None) -> list[VaultPrefs]:
+    """The settings of every vault in the config file, in its order."""
+    path = path or config_path()
+    tables = _vault_tables(_read_toml(path), path)
+    return [_parse_prefs(vault, table, path) for vault, table in tables.items()]
+
+
 def updated_config_text(prefs: VaultPrefs, path: Path | None = None) -> tuple[str, str]:
     """(old text, new text) of the config file with the vault's table replaced or added;
     every other line (backups, other vaults, comments) stays as it was."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from kryptvault.crypto.secret import harden_process
 from kryptvault.errors import KryptvaultError
 from kryptvault.session.handoff import receive
-from kryptvault.session.mount_session import run_daemon
+from kryptvault.session.mount_session import LOCK_SIGNALS, run_daemon
 
 
 class SessionLog(logging.Handler):
@@ -33,6 +34,11 @@ class SessionLog(logging.Handler):
 
 def main(argv: list[str] | None = None) -> int:
     harden_process()  # before any key byte arrives
+    # Blocked before any thread exists, so every thread inherits the block and only the
+    # session's sigwait() takes SIGTERM/SIGINT/SIGHUP (a lock). A thread started earlier
+    # with them unblocked (libusb's event thread, for a USB stick token) would take the
+    # signal's default action instead: the process killed, no lock, a dead mount.
+    signal.pthread_sigmask(signal.SIG_BLOCK, LOCK_SIGNALS)
     parser = argparse.ArgumentParser(prog="kryptvault-daemon")
     parser.add_argument("--handoff-fd", type=int, required=True)
     parser.add_argument("--ready-fd", type=int, required=True)

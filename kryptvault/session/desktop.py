@@ -8,7 +8,8 @@
   `org.freedesktop.ScreenSaver.ActiveChanged(true)`.
 - Notifications (`org.freedesktop.Notifications.Notify`): mounted, locked (with the
   reason), read-only after a failed commit. Fire-and-forget: no reply is asked for, and a
-  stuck bus costs the sender at most NOTIFY_TIMEOUT.
+  stuck bus costs the sender at most NOTIFY_TIMEOUT. `notify_once` sends one from a
+  process with no mount (the backup after a lock: finished or failed).
 
 Every bus is optional: without one (no desktop, a server, a test) this does nothing and
 says so only at debug level. Nothing sent names a file: only the vault's short id.
@@ -195,16 +196,7 @@ class Desktop:
         conn = self._session
         if conn is None:
             return
-        # desktop-entry: the entry `kryptvault setup` installs (name and icon for the server).
-        hints: dict[str, tuple[str, Any]] = {
-            "urgency": ("y", 2 if critical else 1),
-            "desktop-entry": ("s", "kryptvault"),
-        }
-        msg = new_method_call(
-            NOTIFICATIONS, "Notify", "susssasa{sv}i",
-            ("kryptvault", 0, "kryptvault", summary, body, [], hints, -1),
-        )
-        msg.header.flags |= MessageFlag.no_reply_expected
+        msg = _notify_message(summary, body, critical)
         try:
             with self._send_lock:
                 conn.send(msg)
@@ -233,6 +225,44 @@ class Desktop:
             elif failing and not now:
                 self.notify("Vault writable again", f"Vault {self._label} saved everything again.")
             failing = now
+
+
+def _notify_message(summary: str, body: str, critical: bool) -> Message:
+    # desktop-entry: the entry `kryptvault setup` installs (name and icon for the server).
+    hints: dict[str, tuple[str, Any]] = {
+        "urgency": ("y", 2 if critical else 1),
+        "desktop-entry": ("s", "kryptvault"),
+    }
+    msg = new_method_call(
+        NOTIFICATIONS, "Notify", "susssasa{sv}i",
+        ("kryptvault", 0, "kryptvault", summary, body, [], hints, -1),
+    )
+    msg.header.flags |= MessageFlag.no_reply_expected
+    return msg
+
+
+def notify_once(summary: str, body: str, critical: bool = False) -> bool:
+    """One notification from a process with no Desktop (the backup after a lock): connect,
+    send, go. Silent without a session bus; never raises. True when the bus took it.
+
+    No reply is asked from the notification server (an activatable one could take the
+    bus's activation timeout to start); a call to the bus itself follows instead: the bus
+    handles a connection's messages in order, so once it answers, the notification is in
+    the server's queue and closing the connection cannot lose it."""
+    try:
+        conn = _connect("SESSION", enable_fds=False)
+        if conn is None:
+            return False
+        try:
+            conn.sock.settimeout(CALL_TIMEOUT)
+            conn.send(_notify_message(summary, body, critical))
+            reply = conn.send_and_get_reply(new_method_call(message_bus, "GetId"), timeout=CALL_TIMEOUT)
+            return bool(reply.header.message_type == MessageType.method_return)
+        finally:
+            conn.close()
+    except Exception:  # a notification never changes what its sender does or reports
+        log.debug("could not send a notification", exc_info=True)
+        return False
 
 
 def _connect(bus: str, enable_fds: bool) -> DBusConnection | None:

@@ -165,6 +165,8 @@ def serve(chan: Path, scratch: Path) -> None:
         "cli": lambda args, timeout=120, stdin=None: guest.cli(args, timeout, stdin),
         "sh": lambda command, timeout=120: guest.sh(command, timeout),
         "unplug_cycles": lambda **kw: unplug_cycles.run(guest, **kw),
+        # Imported only when asked for: it brings jeepney, pytest and the desktop fakes.
+        "desktop_flow": lambda **kw: __import__("desktop_flow").run(guest, **kw),
         "ping": lambda: {"pid": os.getpid(), "ns": time.monotonic_ns()},
     }
     print(f"# ready pid={os.getpid()}", flush=True)
