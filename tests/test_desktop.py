@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from cli_helpers import VaultFixture, assert_clean_error, make_vault, run_process
+from cli_helpers import KRYPTVAULT, VaultFixture, assert_clean_error, make_vault, run_process
 from jeepney import (
     DBusAddress,
     HeaderFields,
@@ -667,6 +667,72 @@ def test_plug_cancelled_stays_locked_and_asks_once_and_mount_on_plug_off_asks_no
     assert missing.returncode == 1
     assert_clean_error(missing.stderr)
     assert "cannot ask for the password" in missing.stderr
+
+
+def test_plug_waits_for_the_token_to_become_usable_before_it_asks(
+    vault: VaultFixture, tmp_path: Path
+) -> None:
+    """The udev rule starts `plug` when the stick's disk appears; the automounter mounts
+    its filesystem a moment later. Here the token directory appears 1.5 s after `plug`
+    starts: one prompt, after it, and the vault mounts."""
+    home_mnt = tmp_path / "Vault"
+    assert run_process("setup", vault.container, "--mountpoint", home_mnt).returncode == 0
+    password = vault.password_file.read_text().strip()
+    fake = _pinentry(tmp_path, f"pin:{password}")
+    token = Path(vault.token)
+    away = token.with_name(token.name + ".not-yet")
+    token.rename(away)
+    plugged = subprocess.Popen(
+        [KRYPTVAULT, "plug", vault.uuid, "--token", str(token), "--pinentry", str(fake.program)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        assert plugged.poll() is None and fake.calls() == 0  # waiting, not asking
+        away.rename(token)
+        _out, err = plugged.communicate(timeout=60)
+        assert plugged.returncode == 0, err
+        assert fake.calls() == 1 and os.path.ismount(home_mnt)
+    finally:
+        if plugged.poll() is None:
+            plugged.kill()
+        if away.exists():
+            away.rename(token)
+        run_process("lock", home_mnt)
+
+
+def test_plug_without_a_usable_token_says_why_and_never_asks(
+    vault: VaultFixture, tmp_path: Path, buses: Buses
+) -> None:
+    home_mnt = tmp_path / "Vault"
+    assert run_process("setup", vault.container, "--mountpoint", home_mnt).returncode == 0
+    fake = _pinentry(tmp_path, "pin:whatever")
+    notifications = FakeNotifications(buses.session)
+    missing = tmp_path / "no-token-here"
+    env = {**buses.env(), "KRYPTVAULT_PLUG_TOKEN_WAIT": "1"}
+    started = time.monotonic()
+    plugged = run_process("plug", vault.uuid, "--token", missing, "--pinentry", fake.program, env=env)
+    assert plugged.returncode == 1 and time.monotonic() - started >= 1.0
+    assert_clean_error(plugged.stderr)
+    assert "not asking for the password" in plugged.stderr and "does not exist" in plugged.stderr
+    assert fake.calls() == 0 and not os.path.ismount(home_mnt)
+    try:
+        _wait(lambda: notifications.notes(), 5.0, "the notification")
+        ((summary, body),) = notifications.notes()
+        assert summary == "Vault not mounted" and vault.uuid.replace("-", "")[:8] in body
+    finally:
+        notifications.close()
+
+
+def test_the_unplug_lock_unit_succeeds_when_the_daemon_has_already_locked(vault: VaultFixture) -> None:
+    # The daemon locks itself on the unplug; the lock unit runs after it and must not end
+    # "failed" after every unplug. Without --if-mounted "nothing mounted" stays an error.
+    hex_id = vault.uuid.replace("-", "")
+    unit = run_process("lock", "--vault", hex_id, "--reason", "unplug", "--if-mounted")
+    assert unit.returncode == 0 and "is not mounted: nothing to lock" in unit.stdout
+    plain = run_process("lock", "--vault", hex_id)
+    assert plain.returncode == 1 and "no mounted vault" in plain.stderr
+    assert_clean_error(plain.stderr)
+    assert "--if-mounted" in (Path(__file__).parent.parent / "udev" / "kryptvault-lock@.service").read_text()
 
 
 def test_the_guard_unit_starts_the_plug_unit_which_runs_plug() -> None:

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -327,6 +328,40 @@ def _reload_user_manager() -> str | None:
 
 
 PLUG_TRIES = 3
+# How long `plug` waits for the token to become usable before it asks for the password:
+# the udev rule starts it when the stick's disk appears, and a desktop's automounter
+# (udisks) mounts the filesystem that holds the share a moment later.
+PLUG_TOKEN_WAIT_S = 20.0
+
+
+def _token_problem(container: Path, token_spec: str | None) -> str | None:
+    """Why the vault's token cannot be used yet (None: it can, or there is nothing to wait
+    for: a FIDO2 key or a directory token). Reads only the container's public header."""
+    from kryptvault.errors import TokenError
+    from kryptvault.session.unlock import fido2_identities, find_token, slot_identities
+
+    try:
+        header = read_container_header(container).header
+    except (KryptvaultError, OSError):
+        return None  # the mount says what is wrong with the container itself
+    identities = slot_identities(header).values()
+    if not token_spec and (fido2_identities(header) or not any(i.kind != "dir" for i in identities)):
+        return None
+    try:
+        find_token(header, token_spec)
+    except TokenError as exc:
+        return str(exc)
+    return None
+
+
+def _wait_for_token(container: Path, token_spec: str | None, timeout: float) -> str | None:
+    """None once the token can be used, else (after `timeout` seconds) why it cannot."""
+    deadline = time.monotonic() + timeout
+    while True:
+        problem = _token_problem(container, token_spec)
+        if problem is None or time.monotonic() >= deadline:
+            return problem
+        time.sleep(0.25)
 
 
 @cli.command(hidden=True)
@@ -356,6 +391,14 @@ def plug(vault: str, token_spec: str | None, program: str, fallback: str) -> Non
     if fusectl.is_mounted(prefs.mountpoint):
         say(f"{prefs.mountpoint} is already mounted")
         return
+    wait = float(os.environ.get("KRYPTVAULT_PLUG_TOKEN_WAIT", PLUG_TOKEN_WAIT_S))
+    problem = _wait_for_token(prefs.container, token_spec, wait)
+    if problem is not None:
+        # No prompt for a password that could not be used; the desktop says why.
+        from kryptvault.session.desktop import notify_once
+
+        notify_once("Vault not mounted", f"Vault {vault_uuid.hex[:8]}: {problem}.")
+        raise KryptvaultError(f"not asking for the password: {problem}")
     error: str | None = None
     description = f"Password of vault {vault_uuid.hex[:8]}"
     use_fallback = False

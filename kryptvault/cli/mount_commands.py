@@ -334,12 +334,17 @@ def _lock_targets(
 
 
 def _lock(
-    target: str | None, all_vaults: bool, vault: str | None, reason: str, as_json: bool = False
+    target: str | None,
+    all_vaults: bool,
+    vault: str | None,
+    reason: str,
+    as_json: bool = False,
+    if_mounted: bool = False,
 ) -> None:
     locked: list[dict[str, object]] = []
     tell = (lambda text: None) if as_json else say
     try:
-        _lock_each(target, all_vaults, vault, reason, locked, tell)
+        _lock_each(target, all_vaults, vault, reason, locked, tell, if_mounted)
     finally:
         if as_json and locked:
             click.echo(json.dumps({"locked": locked}))  # even if a later one failed: these did lock
@@ -354,8 +359,11 @@ def _lock_each(
     reason: str,
     locked: list[dict[str, object]],
     tell: Callable[[str], None],
+    if_mounted: bool = False,
 ) -> None:
-    """Lock the targets; each one locked goes into `locked` and is told as it happens."""
+    """Lock the targets; each one locked goes into `locked` and is told as it happens.
+    `if_mounted`: nothing to lock is success (the unplug unit, whose vault has usually
+    locked itself already when it runs)."""
 
     def done(text: str, **record: object) -> None:
         locked.append(record)
@@ -371,6 +379,9 @@ def _lock_each(
             return
         if all_vaults:
             tell("no vault is mounted")
+            return
+        if if_mounted:
+            tell(f"vault {target or vault} is not mounted: nothing to lock")
             return
         raise KryptvaultError(f"no mounted vault at {target or vault}")
     unsaved: list[str] = []  # locked, but the final commit failed: said once, at the end
@@ -486,9 +497,13 @@ def _alive(pid: int) -> bool:
 @click.option("--vault", metavar="UUID", help="Lock the vault with this UUID (dashes optional).")
 @click.option("--reason", default="command", hidden=True)
 @click.option("--json", "as_json", is_flag=True, help='Print {"locked": [...]} as one JSON object.')
-def lock(target: str | None, all_vaults: bool, vault: str | None, reason: str, as_json: bool) -> None:
+@click.option("--if-mounted", is_flag=True,
+              help="Succeed when the vault is not mounted (already locked) instead of failing.")
+def lock(
+    target: str | None, all_vaults: bool, vault: str | None, reason: str, as_json: bool, if_mounted: bool
+) -> None:
     """Lock a mounted vault now: commit, unmount, wipe the keys."""
-    _lock(target, all_vaults, vault, reason, as_json)
+    _lock(target, all_vaults, vault, reason, as_json, if_mounted)
 
 
 @cli.command()

@@ -334,7 +334,7 @@ class Requests:
         out = bytearray()
         pack = w.DIRENT.pack
         for name, cookie, attrs in self.fs.readdir_from(fh, offset, False):
-            assert isinstance(attrs, tuple)
+            assert not isinstance(attrs, Stat)  # (ino, type bits) without `plus`
             rec = w.align8(24 + len(name))
             if len(out) + rec > size:
                 break
@@ -360,9 +360,10 @@ class Requests:
             rec = w.align8(w.ENTRY_OUT.size + w.ATTR.size + 24 + len(name))
             if len(out) + rec > size:
                 break
-            if isinstance(attrs, tuple) or name in (b".", b"..") or attrs.ino in known:
+            # (Stat is a NamedTuple: the test is for Stat, never for tuple.)
+            if not isinstance(attrs, Stat) or name in (b".", b"..") or attrs.ino in known:
                 # No entry (and no lookup count) for "." and "..": the kernel skips them.
-                ino_, mode = (attrs[0], attrs[1]) if isinstance(attrs, tuple) else (attrs.ino, attrs.mode)
+                ino_, mode = (attrs.ino, attrs.mode) if isinstance(attrs, Stat) else (attrs[0], attrs[1])
                 out += w.ENTRY_OUT.pack(0, 0, 0, 0, 0, 0)
                 out += zero_attr
             else:
