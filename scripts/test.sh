@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check kryptvault tests bench
 .venv/bin/mypy
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"

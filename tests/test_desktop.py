@@ -1104,7 +1104,11 @@ def test_setup_as_a_user_prints_the_one_root_command_and_with_the_flag_runs_it_t
         subprocess.run(["chown", "-R", "65534:65534", str(user)], check=True)
 
         def as_user(*args: str | Path) -> subprocess.CompletedProcess[str]:
+            # CAP_DAC_READ_SEARCH (read and search only, no write): the checkout and its
+            # venv may sit in a directory only root can enter (a CI clone in /root, a
+            # mktemp -d); setup's non-root path depends on the euid, which stays nobody's.
             command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                       "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
                        str(Path(sys.executable).parent / "kryptvault"), *map(str, args)]
             return subprocess.run(command, env=env, cwd=user, capture_output=True, text=True,
                                   stdin=subprocess.DEVNULL, timeout=120)
