@@ -59,6 +59,10 @@ class Buses:
     def env(self) -> dict[str, str]:
         return dict(os.environ, DBUS_SESSION_BUS_ADDRESS=self.session, DBUS_SYSTEM_BUS_ADDRESS=self.system)
 
+    def session_only_env(self) -> dict[str, str]:
+        """A session bus and no system bus (no logind): notifications only."""
+        return dict(self.env(), DBUS_SYSTEM_BUS_ADDRESS="unix:path=/nonexistent/system_bus_socket")
+
 
 def _start_bus(directory: Path, name: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
@@ -375,8 +379,7 @@ def test_a_lock_by_command_is_notified_and_no_bus_at_all_changes_nothing(
     notifications = FakeNotifications(buses.session)
     mnt = vault.dir / "mnt"
     try:
-        env = buses.env()
-        env["DBUS_SYSTEM_BUS_ADDRESS"] = "unix:path=/nonexistent/system_bus_socket"
+        env = buses.session_only_env()
         assert run_process("mount", vault.container, mnt, *vault.pw(), env=env).returncode == 0
         _wait(lambda: notifications.notes(), 5.0, "the mounted notification")
         assert run_process("lock", mnt).returncode == 0
@@ -847,8 +850,7 @@ def test_the_backup_after_a_lock_notifies_finished_after_locked_naming_destinati
     notifications = FakeNotifications(buses.session)
     mnt = vault.dir / "mnt"
     try:
-        env = buses.env()
-        env["DBUS_SYSTEM_BUS_ADDRESS"] = "unix:path=/nonexistent/system_bus_socket"
+        env = buses.session_only_env()
         assert run_process("mount", vault.container, mnt, *vault.pw(), env=env).returncode == 0
         (mnt / "diary.txt").write_text("kept in the backup\n")
         assert run_process("lock", mnt).returncode == 0
@@ -884,8 +886,7 @@ def test_a_failing_destination_is_notified_as_critical_and_the_exit_status_stays
         notifications = FakeNotifications(buses.session)
         mnt = vault.dir / "mnt"
         try:
-            env = buses.env()
-            env["DBUS_SYSTEM_BUS_ADDRESS"] = "unix:path=/nonexistent/system_bus_socket"
+            env = buses.session_only_env()
             assert run_process("mount", vault.container, mnt, *vault.pw(), env=env).returncode == 0
             assert run_process("lock", mnt).returncode == 0
             _wait(lambda: len(notifications.notes()) >= 3, 60.0, "the backup notification")
