@@ -1546,12 +1546,16 @@ class ObjectStore:
         with self._lock:
             self._check_open()
             self._check_oid(oid)
-            if (oid, 0) in self._streams and (oid, 1) in self._streams:
-                return self._table_bytes(oid * fmt.ENTRY_SIZE + fmt.ATTR_OFFSET, fmt.ATTR_SIZE)
-            # An inode is loaded to be used: its streams' roots come with the same read.
-            raw = self._table_bytes(oid * fmt.ENTRY_SIZE, fmt.ENTRY_SIZE)
-            self._load_roots(oid, raw, -1)
-            return raw[fmt.ATTR_OFFSET:]
+            return self._entry_attrs(oid)
+
+    def _entry_attrs(self, oid: int) -> bytes:
+        """The attributes of an object in use; its streams' roots come with the same read
+        when they are not cached yet (an inode is loaded to be used)."""
+        if (oid, 0) in self._streams and (oid, 1) in self._streams:
+            return self._table_bytes(oid * fmt.ENTRY_SIZE + fmt.ATTR_OFFSET, fmt.ATTR_SIZE)
+        raw = self._table_bytes(oid * fmt.ENTRY_SIZE, fmt.ENTRY_SIZE)
+        self._load_roots(oid, raw, -1)
+        return raw[fmt.ATTR_OFFSET:]
 
     def set_attrs(self, oid: int, attrs: bytes) -> None:
         if len(attrs) != fmt.ATTR_SIZE:
@@ -1630,15 +1634,8 @@ class ObjectStore:
             self._check_open()
             if not 0 < oid < len(self._inuse) or not self._inuse[oid]:
                 return None
-            streams = self._streams
-            data, aux = streams.get((oid, 0)), streams.get((oid, 1))
-            if data is None or aux is None:
-                raw = self._table_bytes(oid * fmt.ENTRY_SIZE, fmt.ENTRY_SIZE)
-                self._load_roots(oid, raw, -1)
-                attrs = raw[fmt.ATTR_OFFSET:]
-                data, aux = self._stream(oid, 0), self._stream(oid, 1)
-            else:
-                attrs = self._table_bytes(oid * fmt.ENTRY_SIZE + fmt.ATTR_OFFSET, fmt.ATTR_SIZE)
+            attrs = self._entry_attrs(oid)
+            data, aux = self._stream(oid, 0), self._stream(oid, 1)
             return attrs, data.size, self._stored_bytes(data) + self._stored_bytes(aux)
 
     def _stored_bytes(self, s: _Stream) -> int:

@@ -540,32 +540,25 @@ class Filesystem:
     # ------------------------------------------------------------------ lookup
     def lookup(self, parent: int, name: bytes) -> int:
         with self._lock:
-            node, d = self._dirnode(parent)
-            if name == b".":
-                return parent
-            if name == b"..":
-                return node.parent or ROOT_INO
-            entry = d.get(name)
-            if entry is None:
-                if len(name) > NAME_MAX:
-                    raise FsError(errno.ENAMETOOLONG)
-                raise FsError(errno.ENOENT)
-            return entry[0]
+            return self._child(parent, name)
 
     def lookup_stat(self, parent: int, name: bytes) -> Stat:
         """`getattr(lookup(parent, name))` under one lock: the kernel's LOOKUP wants both."""
         with self._lock:
-            node, d = self._dirnode(parent)
-            if name == b".":
-                return self._stat(node)
-            if name == b"..":
-                return self._stat(self._get(node.parent or ROOT_INO))
-            entry = d.get(name)
-            if entry is None:
-                if len(name) > NAME_MAX:
-                    raise FsError(errno.ENAMETOOLONG)
-                raise FsError(errno.ENOENT)
-            return self._stat_of(entry[0])
+            return self._stat_of(self._child(parent, name))
+
+    def _child(self, parent: int, name: bytes) -> int:
+        node, d = self._dirnode(parent)
+        if name == b".":
+            return parent
+        if name == b"..":
+            return node.parent or ROOT_INO
+        entry = d.get(name)
+        if entry is None:
+            if len(name) > NAME_MAX:
+                raise FsError(errno.ENAMETOOLONG)
+            raise FsError(errno.ENOENT)
+        return entry[0]
 
     def resolve(self, path: bytes) -> int:
         """The inode of an absolute path inside the vault ("/" is the root); no symlinks."""
