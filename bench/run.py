@@ -4,8 +4,12 @@
     .venv/bin/python bench/run.py [--targets vault,gocryptfs,plain,nullfs] [--repeat 3]
                                   [--quick] [--markdown] [--dir /var/tmp] [--vault-opt K=V]
 
-Every target runs the same workload in one run on the same disk (rounds rotate which
-target goes first); each figure is the median of `--repeat` rounds. Each row shows
+Every target runs the same workload in one run on the same disk; each figure is the
+median of `--repeat` rounds. In a round every target is mounted, and each part of the
+workload (round trips, random I/O, sequential I/O, small files, tar) runs on every target
+back to back before the next part starts (rounds rotate which target goes first), so the
+two sides of a ratio are measured seconds apart, not minutes: on this VM the host moves
+every daemon's figures by up to 2x between runs minutes apart. Each row shows
 vault/gocryptfs beside the issue-13 target with pass/MISS, and nullfs/gocryptfs: the
 no-op ceiling (bench/nullfs.py, served by the vault's own FUSE layer, so no vault on that
 layer can beat it). `--markdown` prints the same table for the README.
@@ -169,6 +173,10 @@ class Target:
         drop_caches()
         self.start()
 
+    def settle(self) -> None:
+        """Finish background work (a vault's pending commit) before another target is
+        measured, so that it does not run during someone else's figures."""
+
 
 class PlainTarget(Target):
     name = "plain"
@@ -217,6 +225,15 @@ class VaultTarget(Target):
 
     def teardown(self) -> None:
         self.container.unlink(missing_ok=True)
+
+    def settle(self) -> None:
+        # fsync of the mount's root commits everything pending (what the daemon's commit
+        # timer would otherwise do up to 5 s later).
+        fd = os.open(self.mp, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class GocryptfsTarget(Target):
@@ -287,15 +304,14 @@ class Workload:
         self.tarball = tarball
         self.tar_entries = tar_entries
 
-    def run(self, t: Target) -> dict[str, float]:
-        r: dict[str, float] = {}
-        self.round_trips(t, r)
-        self.random_io(t, r)
-        self.sequential(t, r)
+    def parts(self, t: Target) -> list[Callable[[Target, dict[str, float]], None]]:
+        """The workload's parts for `t`, in order; each fills some rows of its results."""
+        parts: list[Callable[[Target, dict[str, float]], None]] = [
+            self.round_trips, self.random_io, self.sequential
+        ]
         if not t.fixed_file:
-            self.small_files(t, r)
-            self.tar(t, r)
-        return r
+            parts += [self.small_files, self.tar]
+        return parts
 
     def round_trips(self, t: Target, r: dict[str, float]) -> None:
         """Look-ups of names that do not exist (each a new name, so the kernel asks the
@@ -573,32 +589,55 @@ def main() -> int:
         results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
         failed: set[str] = set()
         for round_no in range(args.repeat):
-            # Each round starts with a different target, and every target starts with the
-            # previous one's dirty pages written back: the disk's background writeback
-            # would otherwise slow whichever target always runs second.
             k = round_no % len(names)
-            for n in names[k:] + names[:k]:
-                if n in failed:
-                    continue
+            order = [n for n in names[k:] + names[:k] if n not in failed]
+            res: dict[str, dict[str, float]] = {n: {} for n in order}
+
+            def give_up(n: str, what: str, e: Exception, round_no: int = round_no) -> None:
+                # One broken target must not hide the others' figures.
+                print(f"bench/run.py: {n} failed in round {round_no + 1} ({what}), left out: {e}",
+                      file=sys.stderr)
+                failed.add(n)
+                discard(targets[n], running)
+
+            for n in order:
                 t = targets[n]
-                os.sync()
                 try:
                     t.setup()
                     running.append(t)
                     t.start()
-                    res = workload.run(t)
+                except Exception as e:
+                    give_up(n, "mount", e)
+            longest = max(len(workload.parts(targets[n])) for n in order)
+            for part in range(longest):
+                for n in order:
+                    t = targets[n]
+                    parts = workload.parts(t)
+                    if n in failed or part >= len(parts):
+                        continue
+                    try:
+                        for other in order:
+                            if other not in failed:
+                                targets[other].settle()
+                        os.sync()  # no target pays for another's writeback
+                        parts[part](t, res[n])
+                    except Exception as e:
+                        give_up(n, parts[part].__name__, e)
+            for n in order:
+                if n in failed:
+                    continue
+                t = targets[n]
+                try:
                     running.remove(t)
                     t.stop()
                     t.teardown()
-                except Exception as e:  # one broken target must not hide the others' figures
-                    print(f"bench/run.py: {n} failed in round {round_no + 1}, left out: {e}", file=sys.stderr)
-                    failed.add(n)
-                    discard(t, running)
+                except Exception as e:
+                    give_up(n, "unmount", e)
                     continue
                 if t.rss:
-                    res[RSS_ROW] = t.rss / MiB
-                results[n].append(res)
-                print(f"round {round_no + 1}/{args.repeat}: {n} done", file=sys.stderr)
+                    res[n][RSS_ROW] = t.rss / MiB
+                results[n].append(res[n])
+            print(f"round {round_no + 1}/{args.repeat} done", file=sys.stderr)
         names = [n for n in names if n not in failed]
         med = {
             n: {k: statistics.median(r[k] for r in rs) for k in rs[0]}

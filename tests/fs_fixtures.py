@@ -124,6 +124,9 @@ class MemoryStore:
             return None
         return (self.get_attrs(oid), *self.size_and_stored(oid))
 
+    def seal_data(self, oid: int) -> None:
+        pass  # nothing is encrypted or buffered here: a closed file's data is where it stays
+
     def mark_metadata(self, oid: int) -> None:
         self.metadata.add(oid)  # one copy of everything here: nothing else to do
 

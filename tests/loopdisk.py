@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import subprocess
@@ -43,3 +44,15 @@ def ext4_loop_disk(tmp_path: Path, mib: int) -> Iterator[Path]:
         if os.path.ismount(top) and run_quiet("umount", top).returncode != 0:
             run_quiet("umount", "-l", top)
         run_quiet("losetup", "-d", device)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_SYNC_FILE_RANGE_ALL = 1 | 2 | 4  # wait for earlier writeback, write, wait for it
+
+
+def hand_pages_to_daemon(fd: int) -> None:
+    """Have the kernel write a FUSE file's dirty pages to its daemon (WRITE requests) and
+    wait, without an fsync: the daemon then holds them uncommitted. (Closing the file would
+    do the same, but the vault encrypts a closed file's data into the container at once.)"""
+    if _LIBC.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(_SYNC_FILE_RANGE_ALL)):
+        raise OSError(ctypes.get_errno(), "sync_file_range failed")

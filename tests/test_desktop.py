@@ -36,7 +36,7 @@ from jeepney import (
 )
 from jeepney.bus_messages import message_bus
 from jeepney.io.blocking import DBusConnection, open_dbus_connection
-from loopdisk import ext4_loop_disk, run_quiet
+from loopdisk import ext4_loop_disk, hand_pages_to_daemon, run_quiet
 from needs import require_tool
 
 from kryptvault.session.paths import state_dir
@@ -507,14 +507,16 @@ def test_a_failed_commit_is_notified_as_read_only_and_the_lock_says_changes_were
             _wait(lambda: notifications.notes(), 5.0, "the mounted notification")
             for _attempt in range(3):
                 generation = _generation(vault)
-                with open(mnt / "unsaved.bin", "wb") as f:
-                    for _ in range(96):
-                        f.write(os.urandom(64 * 1024))
+                # Kept open while the host fills: the daemon holds the data uncommitted.
+                fd = os.open(mnt / "unsaved.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                for _ in range(96):
+                    os.write(fd, os.urandom(64 * 1024))
+                hand_pages_to_daemon(fd)
                 _fill(disk / "filler")
                 if _generation(vault) == generation:
                     break
+                os.close(fd)
                 (disk / "filler").unlink()  # the commit timer was first: again
-            fd = os.open(mnt / "unsaved.bin", os.O_RDONLY)
             try:
                 with pytest.raises(OSError):
                     os.fsync(fd)
@@ -809,6 +811,100 @@ else:
     cancelled = run_process(*args)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
     assert not os.path.ismount(home_mnt)
+
+
+FIDO2_KEY_SECRET = bytes(range(32))
+
+
+def _fido2_vault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pin: str | None
+) -> tuple[Path, str, list[object]]:
+    """A vault whose token is a software FIDO2 key (tests/fido2_soft.py) with `pin`, put
+    where python-fido2's HID discovery finds keys (as tests/test_fido2_token.py does).
+    Returns the container, its UUID and the list of plugged keys (empty again on return)."""
+    from cli_helpers import FAST_KDF, PASSWORD, run_cli
+    from fido2.hid import CtapHidDevice
+    from fido2_soft import SoftAuthenticator
+
+    plugged: list[object] = []
+    monkeypatch.setattr(CtapHidDevice, "list_devices", classmethod(lambda cls: iter(list(plugged))))
+    plugged.append(SoftAuthenticator(device_secret=FIDO2_KEY_SECRET, pin=pin, path="/dev/hidraw-soft1"))
+    container, pw = tmp_path / "fido2.kv", tmp_path / "pw-fido2"
+    pw.write_text(PASSWORD + "\n")
+    extra: list[str | Path] = []
+    if pin is not None:
+        (tmp_path / "pin").write_text(pin + "\n")
+        extra = ["--pin-file", tmp_path / "pin"]
+    made = run_cli("init", container, "--token", "fido2", "--password-file", pw, *FAST_KDF, *extra)
+    assert made.exit_code == 0, made.output
+    vault_id = run_cli("info", container, "--json")
+    plugged.clear()
+    return container, json.loads(vault_id.output)["uuid"], plugged
+
+
+def test_a_security_key_holding_none_of_a_fido2_vaults_credentials_ends_plug_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, buses: Buses
+) -> None:
+    """Every security key plugged starts the plug unit of every FIDO2 vault (udev cannot
+    tell keys apart): another vault's key, or no key of ours at all, must not prompt or
+    notify. The probe is silent: no touch asked of the foreign key."""
+    from cli_helpers import run_cli
+    from fido2_soft import SoftAuthenticator
+
+    container, vault_id, plugged = _fido2_vault(tmp_path, monkeypatch, pin=None)
+    home_mnt = tmp_path / "Vault"
+    assert run_process("setup", container, "--mountpoint", home_mnt).returncode == 0
+    rules = (Path(os.environ["KRYPTVAULT_UDEV_RULES_DIR"]) / "70-kryptvault.rules").read_text()
+    hex_id = vault_id.replace("-", "")
+    assert (
+        'ACTION!="remove", SUBSYSTEM=="hidraw", ENV{ID_SECURITY_TOKEN}=="1", TAG+="systemd", '
+        f'ENV{{SYSTEMD_USER_WANTS}}+="kryptvault-plug@{hex_id}.service"'
+    ) in rules.splitlines()
+    fake = _pinentry(tmp_path, "pin:whatever")
+    notifications = FakeNotifications(buses.session)
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", buses.session)
+    foreign = SoftAuthenticator(auto_touch=False, path="/dev/hidraw-soft2")
+    try:
+        for keys in ([foreign], []):
+            plugged[:] = keys
+            started = time.monotonic()
+            result = run_cli("plug", hex_id, "--pinentry", fake.program)
+            assert result.exit_code == 0, result.output
+            assert f"no plugged security key holds a credential of vault {vault_id}" in result.output
+            assert time.monotonic() - started < 10  # no wait for a token that is not coming
+        assert foreign.touches_wanted == 0 and foreign.silent_probes >= 1
+        time.sleep(0.3)
+        assert fake.calls() == 0 and notifications.notes() == [] and not os.path.ismount(home_mnt)
+    finally:
+        notifications.close()
+
+
+def test_plug_asks_the_password_then_the_pin_for_the_key_holding_the_vaults_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With another key plugged first, the probe picks the holder and hands the mount its
+    path; the key's PIN is asked in a second prompt. The mount runs in a process of its
+    own, which on this host (no /dev/uhid) cannot reach the software key: it fails, once,
+    naming the holder's path, and plug stops without asking again. The whole mount with
+    the touch is in the QEMU guest (tests/test_e2e_desktop.py)."""
+    from cli_helpers import PASSWORD, run_cli
+    from fido2_soft import SoftAuthenticator
+
+    container, vault_id, plugged = _fido2_vault(tmp_path, monkeypatch, pin="4321")
+    assert run_process("setup", container, "--mountpoint", tmp_path / "Vault").returncode == 0
+    # Another key first; then the one that made the credential (its device secret).
+    plugged[:] = [SoftAuthenticator(auto_touch=False, path="/dev/hidraw-soft2"),
+                  SoftAuthenticator(device_secret=FIDO2_KEY_SECRET, pin="4321", auto_touch=False,
+                                    path="/dev/hidraw-soft1")]
+    fake = _pinentry(tmp_path, f"pin:{PASSWORD}", "pin:4321")
+    result = run_cli("plug", vault_id, "--pinentry", fake.program)
+    assert result.exit_code == 1
+    assert "no FIDO2 security key at /dev/hidraw-soft1" in result.output
+    assert fake.calls() == 2
+    log = fake.log.read_text()
+    short = vault_id.replace("-", "")[:8]
+    assert f"0 SETDESC Password of vault {short}" in log and "0 SETPROMPT Password:" in log
+    assert f"1 SETDESC PIN of the security key for vault {short}" in log and "1 SETPROMPT PIN:" in log
 
 
 def test_pinentry_answers_are_percent_decoded_and_the_description_escaped(tmp_path: Path) -> None:

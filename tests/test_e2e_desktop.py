@@ -14,6 +14,12 @@ plug -> one prompt -> mounted, the daemon outliving its oneshot unit; write; Pre
 -> locked before the inhibitor is released; out and in + Cancel -> stays locked, one
 prompt; out and in + password -> the file is there; pull -> locked; in again + SIGTERM (as
 at logout) -> locked. Notifications in order throughout.
+
+Then, in the same boot, a FIDO2 key (the software authenticator as a real /dev/hidrawN
+through uhid) enrolled in a second vault, with a key of no vault plugged throughout: the
+vault's key plugged -> udev starts the plug unit -> password, a wrong PIN, the PIN,
+"Touch your security key", touched -> mounted; pulled -> locked. (A key of no vault
+ending `plug` quietly is tested on the host, tests/test_desktop.py.)
 """
 
 from __future__ import annotations
@@ -184,10 +190,64 @@ def test_sigterm_as_at_logout_locks_a_vault_whose_token_is_a_usb_stick(flow: dic
     locks = [e["reason"] for e in flow["audit"] if e["event"] == "lock"]
     assert locks == ["suspend", "unplug", "signal"], locks
     short = flow["vault"].replace("-", "")[:8]
-    assert flow["notes"][4:] == [
+    assert flow["stick_notes"][4:] == [
         ["Vault mounted", f"Vault {short} is open."],
         ["Vault locked", f"Vault {short} locked (the mount daemon was stopped)."],
     ]
+
+
+def _fido2(flow: dict[str, Any]) -> dict[str, Any]:
+    no_fatal(flow)
+    fido2: dict[str, Any] = flow["fido2"]
+    assert fido2.get("fatal") is None, (
+        f"{fido2['fatal']}\n--- user manager ---\n{flow.get('user-manager.log', '')[-4000:]}"
+        f"\n--- pinentry ---\n{flow.get('pinentry.log', '')}\n--- key host ---\n{flow.get('key-host.log')}"
+    )
+    return fido2
+
+
+def test_a_fido2_vault_gets_a_rule_that_starts_its_plug_unit_for_any_security_key(
+    flow: dict[str, Any],
+) -> None:
+    fido2 = _fido2(flow)
+    hex_id = fido2["vault"].replace("-", "")
+    assert (
+        'ACTION!="remove", SUBSYSTEM=="hidraw", ENV{ID_SECURITY_TOKEN}=="1", TAG+="systemd", '
+        f'ENV{{SYSTEMD_USER_WANTS}}+="kryptvault-plug@{hex_id}.service"'
+    ) in fido2["rules"].splitlines()
+    # Setting up the second vault kept the stick vault's rules.
+    assert f"kryptvault-guard@{flow['vault'].replace('-', '')}.service" in fido2["rules"]
+
+
+def test_plugging_the_vaults_key_asks_password_and_pin_says_touch_and_mounts_and_pulling_it_locks(
+    flow: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fido2 = _fido2(flow)
+    with capsys.disabled():
+        keys = ("touch_note_s", "plug_to_mounted_s", "unplug_to_locked_s")
+        print(f"\n[desktop fido2] { {k: fido2.get(k) for k in keys} }; steps: {flow['steps']}")
+    short = fido2["vault"].replace("-", "")[:8]
+    # The wrong PIN was asked again inside the one run of the unit (it has no Restart=).
+    unit = fido2["plug_unit"]
+    assert unit["Result"] == "success" and unit["NRestarts"] == "0", unit
+    assert fido2["pinentry_calls"] == 3, fido2
+    log = flow["pinentry.log"]
+    first = fido2["first_call"]
+    assert f"{first} SETDESC Password of vault {short}" in log and f"{first} SETPROMPT Password:" in log
+    assert f"{first + 1} SETPROMPT PIN:" in log and f"{first + 2} SETPROMPT PIN:" in log
+    assert f"{first + 2} SETERROR Wrong PIN for the security key" in log
+    assert f"{first + 1} SETERROR" not in log
+    # The notification came while the key waited for its touch, before the vault opened.
+    assert not fido2["mounted_before_touch"]
+    assert fido2["key"]["touches_wanted"] == 1, fido2["key"]
+    assert fido2["plug_to_mounted_s"] < 90
+    assert [n[0] for n in fido2["notes"]] == ["Touch your security key", "Vault mounted", "Vault locked"]
+    assert fido2["notes"][2][1].startswith(f"Vault {short} locked (the token was removed"), fido2["notes"]
+    (lock,) = fido2["locks"]
+    assert lock["reason"] == "unplug" and lock["error"] is None, lock
+    assert fido2["unplug_to_locked_s"] < 10
+    # Another key was plugged all along: asked (if at all) without a touch, never for presence.
+    assert fido2["foreign"]["touches_wanted"] == 0, fido2["foreign"]
 
 
 def test_units_go_where_systemd_user_looks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

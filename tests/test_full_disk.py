@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import VaultFixture, assert_clean_error, make_vault, run_process
-from loopdisk import MIB, ext4_loop_disk, run_quiet
+from loopdisk import MIB, ext4_loop_disk, hand_pages_to_daemon, run_quiet
 from store_support import Vault
 
 from kryptvault.session.launcher import daemon_log_path
@@ -207,16 +207,22 @@ def _fill_host(path: Path) -> None:
         os.close(fd)
 
 
-def _stall(vault: VaultFixture, path: Path, filler: Path) -> bytes:
-    """Write 6 MiB in small writes (kept in memory, uncommitted), then fill the host;
-    again if the commit timer committed them first. Returns what was written."""
+def _stall(vault: VaultFixture, path: Path, filler: Path) -> tuple[bytes, int]:
+    """Write 6 MiB in small writes to a file kept open (the daemon holds them uncommitted;
+    a closed file's data would be encrypted into the container at once), then fill the
+    host; again if the commit timer committed them first. Returns what was written and
+    the open descriptor."""
     for _attempt in range(3):
         generation = _status(vault)["generation"]
         data = os.urandom(6 * MIB)
-        _write_file(path, data, chunk=64 * 1024)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        for pos in range(0, len(data), 64 * 1024):
+            os.write(fd, data[pos : pos + 64 * 1024])
+        hand_pages_to_daemon(fd)
         _fill_host(filler)
         if _status(vault)["generation"] == generation:
-            return data
+            return data, fd
+        os.close(fd)
         filler.unlink()
     pytest.fail("the commit timer committed before the host was full, three times")
 
@@ -231,11 +237,12 @@ def test_a_commit_that_fails_because_another_process_filled_the_host_is_reported
     os.write(fd, saved)
     os.fsync(fd)
     filler = disk / "filler"
-    unsaved = _stall(vault, mnt / "unsaved.bin", filler)
+    unsaved, unsaved_fd = _stall(vault, mnt / "unsaved.bin", filler)
     with pytest.raises(OSError) as failed:
         os.fsync(fd)
     assert failed.value.errno == errno.ENOSPC
     os.close(fd)
+    os.close(unsaved_fd)  # no room to encrypt it into either: it stays in memory
 
     status = _status(vault)
     assert status["ok"] is False, status
@@ -309,7 +316,7 @@ def test_once_the_host_has_space_again_a_commit_succeeds_and_the_vault_is_writab
     mnt = _mount(vault)
     fd = os.open(mnt / "anchor", os.O_RDWR | os.O_CREAT, 0o644)
     filler = disk / "filler"
-    data = _stall(vault, mnt / "late.bin", filler)
+    data, late_fd = _stall(vault, mnt / "late.bin", filler)
     with pytest.raises(OSError) as failed:
         os.fsync(fd)
     assert failed.value.errno == errno.ENOSPC
@@ -317,6 +324,7 @@ def test_once_the_host_has_space_again_a_commit_succeeds_and_the_vault_is_writab
     filler.unlink()
     os.fsync(fd)  # the retry finds the space
     os.close(fd)
+    os.close(late_fd)
     status = _status(vault)
     assert status["ok"] is True and status["problem"] is None, status
     _write_file(mnt / "more", b"writable again")

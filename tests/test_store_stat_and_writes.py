@@ -1,14 +1,19 @@
 """The store's stat path (one call for size and stored bytes, an inode's roots loaded with
-its attributes) and its write sizes (no write(2) over 1 MiB)."""
+its attributes), its write sizes (no write(2) over 1 MiB), the stored length of a block
+(trailing zero units stripped) and the sealing of a closed file's data."""
 
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
+from fs_fixtures import close_store, new_store, open_store
 from store_support import Vault
 
+from kryptvault.container.pointer import stored_units
 from kryptvault.container.store import _PWRITE_MAX, _write_batches
+from kryptvault.fs import ROOT_INO, Filesystem
 
 
 def _write_syscalls() -> int:
@@ -88,10 +93,65 @@ def test_a_long_run_of_blocks_reaches_the_file_in_writes_of_at_most_1_mib(tmp_pa
     store.write(oid, 0, 0, data)
     store.flush()
     writes = _write_syscalls() - before
-    assert writes >= len(data) // _PWRITE_MAX, writes  # runs are ~4 MiB: 4-5 writes without the cap
+    assert writes >= len(data) // _PWRITE_MAX, writes  # no write(2) of more than 1 MiB
     store.commit()
     store.close()
     store = vault.open()
     assert store.read(oid, 0, 0, len(data)) == data
     store.close()
     vault.close_fds()
+
+
+def _units_by_definition(buf: bytes, unit_size: int) -> int:
+    units = -(-len(buf) // unit_size)
+    while units and not any(buf[(units - 1) * unit_size : units * unit_size]):
+        units -= 1
+    return units
+
+
+def test_stored_units_strip_exactly_the_trailing_zero_units_of_any_block() -> None:
+    rng = random.Random(5)
+    for _ in range(1500):
+        size = rng.choice(
+            [65536, 16384, rng.randrange(0, 70_000), 512 * rng.randrange(0, 130), rng.randrange(20)]
+        )
+        block = bytearray(size)
+        for _ in range(rng.randrange(4)):
+            if size:
+                block[rng.randrange(size)] = rng.randrange(1, 256)
+        for unit_size in (512, 4096, 16384, 1000, 3):
+            want = _units_by_definition(bytes(block), unit_size)
+            for form in (block, bytes(block), memoryview(block)):
+                assert stored_units(form, unit_size) == want, (size, unit_size, type(form))
+            # Told where the zeros start (a stream's size inside its last block).
+            nonzero = [i for i, b in enumerate(block) if b]
+            end = rng.randrange(nonzero[-1] + 1, size + 1) if nonzero else rng.randrange(size + 1)
+            assert stored_units(block, unit_size, end) == want, (size, unit_size, end)
+
+
+def test_closing_a_written_file_seals_its_data_at_once_and_an_open_one_waits(tmp_path: Path) -> None:
+    """A closed file's dirty block is encrypted into units at close, so its buffer is reused
+    by the next file instead of every small file holding a fresh 64 KiB buffer until the
+    dirty limit; a file still open keeps its block dirty (it may be written again)."""
+    store = new_store(tmp_path / "c")
+    fs = Filesystem.mkfs(store, 0, 0)
+    store.commit()
+    free = store.statfs().free_units
+    _closed, fh = fs.create(ROOT_INO, b"closed", 0o644, os.O_WRONLY, 0, 0)
+    fs.write(fh, 0, b"c" * 2048)
+    _still_open, fh_open = fs.create(ROOT_INO, b"open", 0o644, os.O_WRONLY, 0, 0)
+    fs.write(fh_open, 0, b"o" * 2048)
+    assert store.statfs().free_units == free  # both blocks only dirty so far
+    fs.release(fh)
+    sealed = free - store.statfs().free_units
+    assert sealed == -(-2048 // store.statfs().unit_size)  # the closed file's 2 KiB, and only that
+    fs.release(fh_open)
+    assert free - store.statfs().free_units == 2 * sealed
+    fs.commit()
+    close_store(store)
+    store = open_store(tmp_path / "c")
+    fs = Filesystem(store)
+    for name, byte in ((b"closed", b"c"), (b"open", b"o")):
+        ino = fs.lookup(ROOT_INO, name)
+        assert store.read(ino, 0, 0, 4096) == byte * 2048
+    close_store(store)

@@ -52,7 +52,9 @@ def test_rendered_rules_are_the_shipped_template_filled_in() -> None:
         .replace("@FS_UUID@", "1234-ABCD")
         .replace("@VAULT@", VAULT_A.hex)
     )
-    assert rule_lines(render_rules([(STICK, VAULT_A), (fs, VAULT_A)])) == rule_lines(expected)
+    assert rule_lines(render_rules([(STICK, VAULT_A), (fs, VAULT_A)], fido2_vaults=[VAULT_A])) == rule_lines(
+        expected
+    )
 
 
 def test_the_guard_unit_binds_to_the_alias_the_rule_creates() -> None:
@@ -100,3 +102,30 @@ def test_block_rules_match_only_removable_buses_never_any_disk_with_that_serial_
         (True, False),
         (False, True),
     ]
+
+
+def test_a_fido2_vault_gets_access_for_keys_and_a_rule_that_starts_its_plug_unit() -> None:
+    """A key has no per-vault identity udev could match: every security key starts the plug
+    unit of every vault with a FIDO2 keyslot (`plug` then asks the keys without a touch).
+    No alias and no guard: the mount daemon watches the key's removal itself."""
+    lines = rule_lines(render_rules([(STICK, VAULT_A)], fido2_vaults=[VAULT_B, VAULT_B]))
+    hidraw = [line for line in lines if 'SUBSYSTEM=="hidraw"' in line]
+    assert hidraw == [
+        'ACTION!="remove", SUBSYSTEM=="hidraw", ENV{ID_SECURITY_TOKEN}=="1", TAG+="uaccess"',
+        'ACTION!="remove", SUBSYSTEM=="hidraw", ENV{ID_SECURITY_TOKEN}=="1", TAG+="systemd", '
+        f'ENV{{SYSTEMD_USER_WANTS}}+="kryptvault-plug@{VAULT_B.hex}.service"',
+    ]
+    assert f"kryptvault-plug@{VAULT_A.hex}" not in "".join(lines)  # the stick's guard starts A's
+
+
+def test_rewriting_the_rules_for_one_vault_keeps_another_vaults_fido2_plug_rule() -> None:
+    from kryptvault.cli.token_commands import with_other_vaults_kept
+
+    installed = render_rules([], fido2_vaults=[VAULT_A])
+    text, kept = with_other_vaults_kept(render_rules([(STICK, VAULT_B)]), installed, {VAULT_B})
+    assert kept == [str(VAULT_A)]
+    plug_a = f'ENV{{SYSTEMD_USER_WANTS}}+="kryptvault-plug@{VAULT_A.hex}.service"'
+    assert [line for line in rule_lines(text) if plug_a in line] != []
+    assert 'ENV{ID_SECURITY_TOKEN}=="1", TAG+="uaccess"' in text
+    # Stable: rewriting B's rules again over this file gives this file.
+    assert with_other_vaults_kept(render_rules([(STICK, VAULT_B)]), text, {VAULT_B})[0] == text

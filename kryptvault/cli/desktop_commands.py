@@ -338,20 +338,68 @@ def _token_problem(container: Path, token_spec: str | None) -> str | None:
     """Why the vault's token cannot be used yet (None: it can, or there is nothing to wait
     for: a FIDO2 key or a directory token). Reads only the container's public header."""
     from kryptvault.errors import TokenError
-    from kryptvault.session.unlock import fido2_identities, find_token, slot_identities
+    from kryptvault.session.unlock import find_token, slot_identities
 
     try:
         header = read_container_header(container).header
     except (KryptvaultError, OSError):
         return None  # the mount says what is wrong with the container itself
     identities = slot_identities(header).values()
-    if not token_spec and (fido2_identities(header) or not any(i.kind != "dir" for i in identities)):
+    # A vault with FIDO2 keyslots gets here only after `_probe_keys` found none of its keys
+    # plugged: it then waits for its stick, if it has one.
+    if not token_spec and not any(i.kind != "dir" for i in identities):
         return None
     try:
         find_token(header, token_spec)
     except TokenError as exc:
         return str(exc)
     return None
+
+
+@dataclass
+class _Probe:
+    """What the plugged FIDO2 keys say about a vault with FIDO2 keyslots."""
+
+    keys_only: bool  # no stick to wait for: FIDO2 slots (and directory tokens) only, or --token fido2
+    spec: str | None = None  # `fido2:/dev/hidrawN` of the key holding a credential of the vault
+    uv: bool = False  # that credential's slot wants the key's PIN
+    problem: str | None = None  # why no key could be asked
+
+
+def _probe_keys(container: Path, token_spec: str | None) -> _Probe | None:
+    """Which plugged key holds one of the vault's FIDO2 credentials, asked without a touch
+    or a PIN (an assertion with up=false: a key answers NO_CREDENTIALS for a credential
+    it did not make). None: the vault has no FIDO2 keyslot (or another --token)."""
+    from kryptvault.errors import TokenError
+    from kryptvault.session.unlock import fido2_identities, slot_identities
+    from kryptvault.token.fido2key import authenticators_for, find_holder, is_fido2_spec
+
+    if token_spec and not is_fido2_spec(token_spec):
+        return None
+    try:
+        header = read_container_header(container).header
+    except (KryptvaultError, OSError):
+        return None  # the mount says what is wrong with the container itself
+    wanted = list(fido2_identities(header).values())
+    if not wanted:
+        return None
+    keys_only = bool(token_spec) or not any(i.kind != "dir" for i in slot_identities(header).values())
+    try:
+        keys = authenticators_for(token_spec)
+    except TokenError as exc:
+        return _Probe(keys_only, problem=str(exc))
+    try:
+        found = find_holder(keys, wanted)
+    except TokenError as exc:
+        return _Probe(keys_only, problem=str(exc))
+    finally:
+        # An open hidraw handle gets a copy of every reply: let go before the mount asks.
+        for key in keys:
+            key.close()
+    if found is None:
+        return _Probe(keys_only)
+    auth, identity = found
+    return _Probe(keys_only, spec=f"fido2:{auth.path}", uv=identity.uv)
 
 
 def _wait_for_token(container: Path, token_spec: str | None, timeout: float) -> str | None:
@@ -376,7 +424,10 @@ def _wait_for_token(container: Path, token_spec: str | None, timeout: float) -> 
 )
 def plug(vault: str, token_spec: str | None, program: str, fallback: str) -> None:
     """Mount VAULT (its UUID) after its token was plugged in, if its settings say so:
-    asks the password with pinentry. Started by kryptvault-plug@.service."""
+    asks the password with pinentry (and a FIDO2 key's PIN when its slot wants it).
+    Started by kryptvault-plug@.service: by the guard unit for a stick, by the udev rule
+    for any security key when the vault has FIDO2 keyslots (then a key holding none of
+    its credentials ends it quietly)."""
     try:
         vault_uuid = uuid.UUID(vault)
     except ValueError:
@@ -391,68 +442,142 @@ def plug(vault: str, token_spec: str | None, program: str, fallback: str) -> Non
     if fusectl.is_mounted(prefs.mountpoint):
         say(f"{prefs.mountpoint} is already mounted")
         return
-    wait = float(os.environ.get("KRYPTVAULT_PLUG_TOKEN_WAIT", PLUG_TOKEN_WAIT_S))
-    problem = _wait_for_token(prefs.container, token_spec, wait)
-    if problem is not None:
-        # No prompt for a password that could not be used; the desktop says why.
-        from kryptvault.session.desktop import notify_once
+    probe = _probe_keys(prefs.container, token_spec)
+    if probe is not None and probe.spec is None and probe.keys_only:
+        # Every security key plugged starts the plug unit of every FIDO2 vault: most of
+        # the time it is another vault's key (or not one of ours). No prompt, no notice.
+        why = f" ({probe.problem})" if probe.problem else ""
+        say(f"no plugged security key holds a credential of vault {vault_uuid}{why}: not mounting it")
+        return
+    key = probe if probe is not None and probe.spec is not None else None
+    if key is None:
+        wait = float(os.environ.get("KRYPTVAULT_PLUG_TOKEN_WAIT", PLUG_TOKEN_WAIT_S))
+        problem = _wait_for_token(prefs.container, token_spec, wait)
+        if problem is not None:
+            # No prompt for a password that could not be used; the desktop says why.
+            from kryptvault.session.desktop import notify_once
 
-        notify_once("Vault not mounted", f"Vault {vault_uuid.hex[:8]}: {problem}.")
-        raise KryptvaultError(f"not asking for the password: {problem}")
+            notify_once("Vault not mounted", f"Vault {vault_uuid.hex[:8]}: {problem}.")
+            raise KryptvaultError(f"not asking for the password: {problem}")
+    short = vault_uuid.hex[:8]
+    asker = _Asker(program, fallback)
     error: str | None = None
-    description = f"Password of vault {vault_uuid.hex[:8]}"
-    use_fallback = False
-    for _ in range(PLUG_TRIES):
+    pin_error: str | None = None
+    password: bytearray | None = None
+    pin: bytearray | None = None
+    wrong = "password"
+    try:
+        for _ in range(PLUG_TRIES):
+            try:
+                if password is None:
+                    password = asker.ask(f"Password of vault {short}", error, "Password:")
+                if key is not None and key.uv and pin is None:
+                    pin = asker.ask(f"PIN of the security key for vault {short}", pin_error, "PIN:")
+            except PinentryCancelled:
+                # No retry storm: the token stays in, the vault stays locked until asked again.
+                say("cancelled: the vault stays locked")
+                return
+            mounted = _mount_with(
+                prefs.container, password, key.spec if key is not None else token_spec, pin, short
+            )
+            if mounted.returncode == 0:
+                say(mounted.stdout.strip())
+                return
+            problem = mounted.stderr.strip().removeprefix("kryptvault: ")
+            last = problem.splitlines()[-1].removeprefix("kryptvault: ") if problem else ""
+            if pin is not None and last.startswith("wrong PIN"):
+                # The key checks its PIN before the password is tried: keep the password.
+                pin[:] = bytes(len(pin))
+                pin = None
+                pin_error = last[0].upper() + last[1:] + "."
+                wrong = "PIN"
+            elif "wrong password" in problem:
+                password[:] = bytes(len(password))
+                password = None
+                error = "Wrong password, or the wrong token."
+                wrong = "password"
+            else:
+                raise KryptvaultError(problem or f"mount failed (status {mounted.returncode})")
+    finally:
+        for secret in (password, pin):
+            if secret is not None:
+                secret[:] = bytes(len(secret))
+    raise KryptvaultError(f"wrong {wrong} {PLUG_TRIES} times: the vault stays locked")
+
+
+class _Asker:
+    """pinentry, or the fallback program once pinentry could not run."""
+
+    def __init__(self, program: str, fallback: str) -> None:
+        self.program = program
+        self.fallback = fallback
+        self.failed: str | None = None
+
+    def ask(self, description: str, error: str | None, prompt: str) -> bytearray:
+        if self.failed is None:
+            try:
+                return ask_password(self.program, description, error, prompt)
+            except PinentryFailed as exc:
+                self.failed = str(exc)
         try:
-            if not use_fallback:
-                try:
-                    password = ask_password(program, description, error)
-                except PinentryFailed as exc:
-                    failed = str(exc)
-                    use_fallback = True
-            if use_fallback:
-                try:
-                    prompt = f"{error} {description}:" if error else f"{description}:"
-                    password = ask_with_program(fallback, prompt)
-                except PinentryFailed as exc:
-                    raise KryptvaultError(f"cannot ask for the password: {failed}; {exc}")
-        except PinentryCancelled:
-            # No retry storm: the token stays in, the vault stays locked until asked again.
-            say("cancelled: the vault stays locked")
-            return
-        mounted = _mount_with(prefs.container, password, token_spec)
-        if mounted.returncode == 0:
-            say(mounted.stdout.strip())
-            return
-        problem = mounted.stderr.strip().removeprefix("kryptvault: ")
-        if "wrong password" not in problem:
-            raise KryptvaultError(problem or f"mount failed (status {mounted.returncode})")
-        error = "Wrong password, or the wrong token."
-    raise KryptvaultError(f"wrong password {PLUG_TRIES} times: the vault stays locked")
+            return ask_with_program(self.fallback, f"{error} {description}:" if error else f"{description}:")
+        except PinentryFailed as exc:
+            raise KryptvaultError(f"cannot ask for the password: {self.failed}; {exc}")
+
+
+def _secret_pipe(secret: bytearray) -> int:
+    """The read end of a pipe holding `secret` and a newline (a pipe holds 64 KiB: far
+    more than a password, so no reader is needed yet)."""
+    read_end, write_end = os.pipe()
+    try:
+        for part in (secret, b"\n"):
+            with memoryview(part) as view:
+                done = 0
+                while done < len(view):
+                    done += os.write(write_end, view[done:])
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    return read_end
 
 
 def _mount_with(
-    container: Path, password: bytearray, token_spec: str | None
+    container: Path, password: bytearray, token_spec: str | None, pin: bytearray | None, short: str
 ) -> subprocess.CompletedProcess[str]:
-    """`kryptvault mount CONTAINER` (at its configured mount point), the password through a
-    pipe (--password-fd), never argv or the environment."""
-    read_end, write_end = os.pipe()
+    """`kryptvault mount CONTAINER` (at its configured mount point), the password (and a
+    FIDO2 key's PIN) through pipes (--password-fd, --pin-file /proc/self/fd/N), never argv
+    or the environment. The mount's "Touch your security key" becomes a notification: the
+    key waits for the touch, and a unit started by udev has no terminal to say it on."""
+    from kryptvault.session.desktop import notify_once
+    from kryptvault.token.fido2key import TOUCH_PROMPT
+
+    fds: list[int] = []
     try:
-        try:
-            # A pipe holds 64 KiB: far more than a password, so no reader is needed yet.
-            for part in (password, b"\n"):
-                with memoryview(part) as view:
-                    done = 0
-                    while done < len(view):
-                        done += os.write(write_end, view[done:])
-        finally:
-            password[:] = bytes(len(password))
-            os.close(write_end)
+        fds.append(_secret_pipe(password))
         command = [sys.executable, "-m", "kryptvault.cli.main", "mount", str(container),
-                   "--password-fd", str(read_end)]
+                   "--password-fd", str(fds[0])]
+        if pin is not None:
+            fds.append(_secret_pipe(pin))
+            command += ["--pin-file", f"/proc/self/fd/{fds[1]}"]
         if token_spec:
             command += ["--token", token_spec]
-        return subprocess.run(command, pass_fds=(read_end,), stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.Popen(command, pass_fds=tuple(fds), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     finally:
-        os.close(read_end)
+        for fd in fds:
+            os.close(fd)
+    assert proc.stdout is not None and proc.stderr is not None
+    errors = []
+    # The daemon the mount starts keeps neither pipe: both end when the mount returns, and
+    # its stdout is one line, so reading stderr first cannot block on a full stdout.
+    for line in proc.stderr:
+        if line.strip() == TOUCH_PROMPT:
+            notify_once(TOUCH_PROMPT, f"Vault {short} opens when you touch the key.")
+        else:
+            errors.append(line)
+    out = proc.stdout.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    return subprocess.CompletedProcess(command, proc.wait(), out, "".join(errors))

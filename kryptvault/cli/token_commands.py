@@ -542,12 +542,13 @@ def _delete_revoked_share(
 def udev_rules_for(containers: Sequence[Path]) -> tuple[str, list[tuple[TokenIdentity, uuid.UUID]]]:
     """The rules file for the tokens of these containers, and its (token, vault) entries."""
     entries = []
-    fido2 = False
+    fido2_vaults = []
     for container in containers:
         header = read_container_header(container).header
         entries += [(ident, header.vault_uuid) for ident in slot_identities(header).values()]
-        fido2 = fido2 or bool(fido2_identities(header))
-    return render_rules(entries, fido2=fido2), entries
+        if fido2_identities(header):
+            fido2_vaults.append(header.vault_uuid)
+    return render_rules(entries, fido2_vaults=fido2_vaults), entries
 
 
 _VAULT_BLOCK = re.compile(r"^# vault ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\b")

@@ -203,9 +203,13 @@ class Requests:
         (valid, _pad, _fh, size, _lo, atime, mtime, _ct, atimens, mtimens, _ctn, mode, _u4,
          new_uid, new_gid, _u5) = w.SETATTR_IN.unpack_from(body)  # fmt: skip
         fs = self.fs
+        # The reply carries the attributes after the last change; each change returns
+        # them, so a separate getattr (a second stat of the inode) is needed only when
+        # nothing after a truncation returned them.
+        after: Stat | None = None
         if valid & (w.FATTR_UID | w.FATTR_GID):
             groups = (gid, *_groups_of(pid)) if uid != 0 and valid & w.FATTR_GID else ()
-            fs.chown(
+            after = fs.chown(
                 ino,
                 new_uid if valid & w.FATTR_UID else -1,
                 new_gid if valid & w.FATTR_GID else -1,
@@ -219,8 +223,9 @@ class Requests:
                 self.feed.stale(ino, 0, 0)
             if valid & w.FATTR_KILL_SUIDGID:
                 self._kill_suidgid(ino, gid, pid)
+            after = None
         if valid & w.FATTR_MODE:
-            fs.chmod(ino, mode)
+            after = fs.chmod(ino, mode)
         if valid & (w.FATTR_ATIME | w.FATTR_MTIME):
             a = UTIME_OMIT
             m = UTIME_OMIT
@@ -228,8 +233,8 @@ class Requests:
                 a = UTIME_NOW if valid & w.FATTR_ATIME_NOW else atime * 1_000_000_000 + atimens
             if valid & w.FATTR_MTIME:
                 m = UTIME_NOW if valid & w.FATTR_MTIME_NOW else mtime * 1_000_000_000 + mtimens
-            fs.utimens(ino, a, m)
-        return self._attr_out(fs.getattr(ino))
+            after = fs.utimens(ino, a, m)
+        return self._attr_out(after if after is not None else fs.getattr(ino))
 
     def _readlink(self, ino: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
         return self.fs.readlink(ino)

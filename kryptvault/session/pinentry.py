@@ -22,8 +22,11 @@ class PinentryFailed(Exception):
     """No prompt could be shown (no program, no display nor terminal)."""
 
 
-def ask_password(program: str, description: str, error: str | None = None) -> bytearray:
-    """The password typed into a pinentry prompt; PinentryCancelled on Cancel."""
+def ask_password(
+    program: str, description: str, error: str | None = None, prompt: str = "Password:"
+) -> bytearray:
+    """The password (or, with `prompt` "PIN:", a security key's PIN) typed into a pinentry
+    prompt; PinentryCancelled on Cancel."""
     try:
         proc = subprocess.Popen(
             [program], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -38,7 +41,7 @@ def ask_password(program: str, description: str, error: str | None = None) -> by
         commands = [
             "SETTITLE kryptvault",
             f"SETDESC {_escape(description)}",
-            "SETPROMPT Password:",
+            f"SETPROMPT {_escape(prompt)}",
         ]
         if error:
             commands.append(f"SETERROR {_escape(error)}")

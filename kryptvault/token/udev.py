@@ -55,10 +55,18 @@ FS_VAULT_RULE = (
 # FIDO2 security keys: distros tag their hidraw nodes ID_SECURITY_TOKEN=1 (systemd's
 # 60-fido-id.rules, which reads the HID report descriptor's FIDO usage page), and the
 # seat user needs the node to talk CTAP. Their removal is watched by the mount daemon
-# itself (hidraw remove uevent + poll); there is no guard unit for them yet.
+# itself (hidraw remove uevent + poll), so no guard unit: only the plug unit is started.
 FIDO2_RULES = (
     "\n# FIDO2 security keys (FIDO usage page, tagged by 60-fido-id.rules): access for the seat user\n"
     'ACTION!="remove", SUBSYSTEM=="hidraw", ENV{ID_SECURITY_TOKEN}=="1", TAG+="uaccess"\n'
+)
+# Mount on plug for a vault with a FIDO2 keyslot. A key shows udev nothing that tells
+# which vault it opens (the credential lives in the keyslot, not on the key), so any
+# security key starts every such vault's plug unit, and `kryptvault plug` asks the key
+# without a touch whether it holds one of the vault's credentials; if not, it ends quietly.
+FIDO2_VAULT_RULE = (
+    'ACTION!="remove", SUBSYSTEM=="hidraw", ENV{{ID_SECURITY_TOKEN}}=="1", TAG+="systemd", '
+    'ENV{{SYSTEMD_USER_WANTS}}+="kryptvault-plug@{vault}.service"\n'
 )
 HEADER = (
     "# kryptvault token rules, written by `kryptvault token udev`; do not edit.\n"
@@ -81,13 +89,19 @@ def unit_instance(vault_uuid: uuid.UUID) -> str:
     return vault_uuid.hex
 
 
-def render_rules(entries: Sequence[tuple[TokenIdentity, uuid.UUID]], *, fido2: bool = False) -> str:
-    """The rules file for these (token, vault) registrations; with `fido2`, the rule that
-    gives the seat user FIDO2 keys (some vault has a FIDO2 keyslot).
+def render_rules(
+    entries: Sequence[tuple[TokenIdentity, uuid.UUID]],
+    *,
+    fido2: bool = False,
+    fido2_vaults: Sequence[uuid.UUID] = (),
+) -> str:
+    """The rules file for these (token, vault) registrations; with `fido2` (or any
+    `fido2_vaults`), the rule that gives the seat user FIDO2 keys; for each of
+    `fido2_vaults` (vaults with a FIDO2 keyslot), the rule that starts its plug unit.
 
     Directory tokens have no device for udev to watch and only get a comment.
     """
-    out = [HEADER, FIDO2_RULES] if fido2 else [HEADER]
+    out = [HEADER, FIDO2_RULES] if fido2 or fido2_vaults else [HEADER]
     seen_sticks: set[tuple[int, int, str]] = set()
     for identity, vault_uuid in entries:
         vault = unit_instance(vault_uuid)
@@ -106,4 +120,7 @@ def render_rules(entries: Sequence[tuple[TokenIdentity, uuid.UUID]], *, fido2: b
             out.append(FS_VAULT_RULE.format(fs_uuid=fs_uuid, vault=vault))
         else:
             out.append(f"\n# vault {vault_uuid}: directory token, nothing for udev to watch\n")
+    for vault_uuid in dict.fromkeys(fido2_vaults):
+        out.append(f"\n# vault {vault_uuid}: mount when a FIDO2 key holding its credential is plugged\n")
+        out.append(FIDO2_VAULT_RULE.format(vault=unit_instance(vault_uuid)))
     return "".join(out)

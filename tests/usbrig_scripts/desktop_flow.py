@@ -77,7 +77,10 @@ class Flow:
 
     def state(self, kind: str) -> str:
         """ActiveState of this vault's guard, plug or lock unit."""
-        return self.unit(f"kryptvault-{kind}@{self.hex}.service").get("ActiveState", "")
+        return self.state_of(f"kryptvault-{kind}@{self.hex}.service")
+
+    def state_of(self, unit: str) -> str:
+        return self.unit(unit).get("ActiveState", "")
 
     def pinentry_calls(self) -> int:
         count = self.work / "pinentry.count"
@@ -210,6 +213,138 @@ def unplug_stick(flow: Flow, stick_id: str, stick_mnt: str) -> None:
     flow.sh(f"umount -l {stick_mnt} 2>/dev/null; true")
 
 
+# The FIDO2 part: software keys (tests/fido2_soft.py) made real /dev/hidrawN nodes through
+# uhid (tests/fido2_uhid.py), hosted by one helper process (its threads stay out of this
+# process, which forks every CLI run). It reads "plug NAME SECRET PIN auto|manual",
+# "touch NAME", "destroy NAME" and answers each with a JSON line.
+KEY_HOST = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from fido2_soft import SoftAuthenticator
+from fido2_uhid import UhidKey
+keys = {}
+for line in sys.stdin:
+    word, name, *rest = line.split()
+    if word == "plug":
+        secret, pin, mode = rest
+        auth = SoftAuthenticator(device_secret=bytes.fromhex(secret), pin=None if pin == "-" else pin,
+                                 auto_touch=mode == "auto")
+        keys[name] = (auth, UhidKey(auth))
+        print(json.dumps({"node": keys[name][1].hidraw(30)}), flush=True)
+    elif word == "touch":
+        keys[name][0].touch.set()
+        print("{}", flush=True)
+    elif word == "destroy":
+        auth, key = keys.pop(name)
+        key.destroy()
+        print(json.dumps({"touches_wanted": auth.touches_wanted, "silent_probes": auth.silent_probes}),
+              flush=True)
+"""
+FIDO2_CONTAINER = "/tmp/kv/fido2.kv"
+KEY_PIN = "2468"
+KEY_SECRET = bytes(range(32)).hex()
+FOREIGN_SECRET = bytes(range(32, 64)).hex()
+KDF = ("--kdf-time-ms", "50", "--kdf-memory-mib", "8")
+
+
+class KeyHost:
+    def __init__(self, log: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", KEY_HOST, str(TESTS)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+
+    def ask(self, line: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the key host ended on {line.split()[:2]} (see key-host.log)")
+        result: dict[str, Any] = json.loads(answer)
+        return result
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_key_host(flow: Flow) -> KeyHost:
+    """uhid loaded and the key host started (its imports take seconds under TCG) before
+    the stick's part of the flow, so that they overlap with it."""
+    modules = subprocess.run(["modprobe", "-a", "uhid", "hid_generic"], capture_output=True, text=True)
+    if not os.path.exists("/dev/uhid"):
+        raise RuntimeError(f"no /dev/uhid after modprobe uhid: {modules.stderr.strip()}")
+    return KeyHost(flow.work / "key-host.log")
+
+
+def fido2_flow(flow: Flow, keys: KeyHost, notes: FakeNotifications, password: str) -> dict[str, Any]:
+    """Plug to mount with a FIDO2 key: enrol a key in a second vault and set it up, with a
+    key of no vault of ours plugged throughout (plugged before the rule existed, so it
+    starts nothing; the plug unit then has two keys to ask); the vault's key -> password,
+    a wrong PIN, the PIN again, "Touch your security key" (only then is the key touched)
+    -> mounted; pull the key -> locked."""
+    res: dict[str, Any] = {}
+    flow.mark("fido2_start")
+    pw_file, pin_file = flow.work / "fido2-pw", flow.work / "fido2-pin"
+    pw_file.write_text(password + "\n")
+    pin_file.write_text(KEY_PIN + "\n")
+    keys.ask(f"plug foreign {FOREIGN_SECRET} - manual")
+    mine = keys.ask(f"plug mine {KEY_SECRET} {KEY_PIN} auto")["node"]
+    made = flow.cli("init", FIDO2_CONTAINER, "--token", f"fido2:{mine}", "--password-file", str(pw_file),
+                    "--pin-file", str(pin_file), *KDF)["out"]
+    vault = made.split("created vault ", 1)[1].split()[0]
+    hex_id = vault.replace("-", "")
+    res["vault"] = vault
+    keys.ask("destroy mine")
+    res["setup"] = flow.cli("setup", FIDO2_CONTAINER)["out"]
+    res["rules"] = Path("/etc/udev/rules.d/70-kryptvault.rules").read_text()
+    mountpoint = Path.home() / f"Vault-{hex_id[:8]}"
+    plug_unit = f"kryptvault-plug@{hex_id}.service"
+    flow.mark("fido2_setup")
+
+    # -- the vault's key: password, a wrong PIN, the PIN; touched once asked to
+    answers = flow.work / "pinentry.answers"
+    calls, notes_before = flow.pinentry_calls(), len(notes.notes())
+    lines = answers.read_text().splitlines()[:calls]
+    lines += [lines[-1] if lines else "cancel"] * (calls - len(lines))
+    answers.write_text("\n".join([*lines, f"pin:{password}", "pin:0000", f"pin:{KEY_PIN}"]) + "\n")
+    res["first_call"] = calls  # the fake pinentry numbers its calls from 0
+    t_plug = time.monotonic()
+    keys.ask(f"plug mine {KEY_SECRET} {KEY_PIN} manual")
+    touch = "Touch your security key"
+    asked = lambda: any(n[0] == touch for n in notes.notes()[notes_before:])  # noqa: E731
+    _wait("the touch notification", asked, 120, 0.05)
+    res["touch_note_s"] = round(time.monotonic() - t_plug, 3)
+    res["mounted_before_touch"] = os.path.ismount(mountpoint)
+    keys.ask("touch mine")
+    _wait("the FIDO2 vault mounted by the plug unit", lambda: os.path.ismount(mountpoint), 60, 0.05)
+    res["plug_to_mounted_s"] = round(time.monotonic() - t_plug, 3)
+    res["pinentry_calls"] = flow.pinentry_calls() - calls
+    flow.mark("fido2_mounted")
+    (mountpoint / "key.txt").write_text("opened with the key\n")
+
+    # -- pull the key
+    before = len(_locks(vault))
+    t_pull = time.monotonic()
+    res["key"] = keys.ask("destroy mine")
+    locked = lambda: not os.path.ismount(mountpoint) and len(_locks(vault)) > before  # noqa: E731
+    _wait("the lock on the key's removal", locked, 30)
+    res["unplug_to_locked_s"] = round(time.monotonic() - t_pull, 3)
+    res["locks"] = _locks(vault)[before:]
+    with contextlib.suppress(TimeoutError):  # its absence is for the test to report
+        _wait("the locked notification", lambda: len(notes.notes()) >= notes_before + 3, 10)
+    res["notes"] = notes.notes()[notes_before:]
+    _wait("the plug unit to end", lambda: flow.state_of(plug_unit) in ("inactive", "failed"), 30, 0.1)
+    res["plug_unit"] = flow.unit(plug_unit)
+    res["foreign"] = keys.ask("destroy foreign")
+    flow.mark("fido2_unplugged")
+    return res
+
+
 def run(
     guest: Any,
     *,
@@ -227,7 +362,13 @@ def run(
     out: dict[str, Any] = {"steps": flow.steps}
     logind: FakeLogind | None = None
     notes: FakeNotifications | None = None
+    keys: KeyHost | None = None
+    key_host_error = "not started"
     try:
+        try:
+            keys = start_key_host(flow)
+        except Exception as exc:  # the stick's part goes on; the FIDO2 part reports it
+            key_host_error = f"{type(exc).__name__}: {exc}"
         # The stick was in for `init`; out it goes, the desktop session starts without it,
         # and the user sets the vault up in that session.
         unplug_stick(flow, stick_id, stick_mnt)
@@ -338,6 +479,17 @@ def run(
         flow.mark("sigterm")
         with contextlib.suppress(TimeoutError):  # its absence is for the test to report
             _wait("the last notification", lambda: len(notes.notes()) >= 6, 10)
+        out["stick_notes"] = notes.notes()
+
+        # -- a FIDO2 key in a second vault: plug in to mount works for it too
+        try:
+            if keys is None:
+                raise RuntimeError(f"no key host: {key_host_error}")
+            out["fido2"] = fido2_flow(flow, keys, notes, password)
+        except Exception as exc:
+            import traceback
+
+            out["fido2"] = {"fatal": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
     except Exception as exc:
         import traceback
 
@@ -352,10 +504,13 @@ def run(
         daemon_log = Path(os.environ["XDG_STATE_HOME"]) / "kryptvault" / f"daemon-{vault}.log"
         out["lock_unit"] = flow.unit(f"kryptvault-lock@{flow.hex}.service")
         for name, path in (("pinentry.log", work / "pinentry.log"),
-                           ("user-manager.log", work / "user-manager.log"), ("daemon.log", daemon_log)):
+                           ("user-manager.log", work / "user-manager.log"), ("daemon.log", daemon_log),
+                           ("key-host.log", work / "key-host.log")):
             keep = 400_000 if UM_DEBUG else 6000
             out[name] = path.read_text(errors="replace")[-keep:] if path.exists() else ""
         for fake in (logind, notes):
             if fake is not None:
                 fake.close()
+        if keys is not None:
+            keys.close()
     return out
