@@ -728,6 +728,34 @@ def test_plug_without_a_usable_token_says_why_and_never_asks(
         notifications.close()
 
 
+def test_a_mount_that_fails_after_the_password_is_notified_with_its_reason(
+    vault: VaultFixture, tmp_path: Path, buses: Buses
+) -> None:
+    """Not a wrong password (asked again) but a failure the prompt cannot fix: here the
+    configured mount point is a file. The unit has no terminal, so the desktop says why."""
+    home_mnt = tmp_path / "Vault"
+    assert run_process("setup", vault.container, "--mountpoint", home_mnt).returncode == 0
+    if home_mnt.is_dir():
+        home_mnt.rmdir()  # setup made the folder
+    home_mnt.write_text("a file where the folder should be")
+    password = vault.password_file.read_text().strip()
+    fake = _pinentry(tmp_path, f"pin:{password}")
+    notifications = FakeNotifications(buses.session)
+    try:
+        plugged = run_process("plug", vault.uuid, "--token", vault.token, "--pinentry", fake.program,
+                              env=buses.env())
+        assert plugged.returncode == 1
+        assert_clean_error(plugged.stderr)
+        assert fake.calls() == 1  # no second prompt for a failure a password cannot fix
+        _wait(lambda: notifications.notes(), 5.0, "the notification")
+        ((summary, body),) = notifications.notes()
+        assert summary == "Vault not mounted" and vault.uuid.replace("-", "")[:8] in body
+        reason = plugged.stderr.strip().splitlines()[-1].removeprefix("kryptvault: ")
+        assert reason in body, (reason, body)
+    finally:
+        notifications.close()
+
+
 def test_the_unplug_lock_unit_succeeds_when_the_daemon_has_already_locked(vault: VaultFixture) -> None:
     # The daemon locks itself on the unplug; the lock unit runs after it and must not end
     # "failed" after every unplug. Without --if-mounted "nothing mounted" stays an error.

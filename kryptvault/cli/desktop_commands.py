@@ -497,6 +497,12 @@ def plug(vault: str, token_spec: str | None, program: str, fallback: str) -> Non
                 error = "Wrong password, or the wrong token."
                 wrong = "password"
             else:
+                # A unit started by udev has no terminal: the desktop says why (a key not
+                # touched in time, a blocked PIN, a damaged container, a busy mount point).
+                why = last or f"mount failed (status {mounted.returncode})"
+                from kryptvault.session.desktop import notify_once
+
+                notify_once("Vault not mounted", f"Vault {short}: {why}.")
                 raise KryptvaultError(problem or f"mount failed (status {mounted.returncode})")
     finally:
         for secret in (password, pin):
