@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from needs import require_tool
+from needs import in_ci, require_tool
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "install.sh"
 
@@ -122,3 +122,24 @@ def test_install_gives_up_with_apts_own_message_once_the_wait_is_over(tmp_path: 
     assert result.returncode != 0
     assert "Could not get lock" in result.stderr
     assert "system packages installed" not in result.stdout
+
+
+def test_every_module_of_the_package_has_current_bytecode_after_install() -> None:
+    """install.sh byte-compiles the package (an editable install does not, and with
+    PYTHONDONTWRITEBYTECODE or the QEMU guest's read-only tree every process, the mount
+    daemon included, would compile it again: more memory for a lock's exit to tear down,
+    slower commands). Checked after a fresh install, i.e. in CI; elsewhere an edit since
+    the last install makes bytecode stale, so the test only runs there."""
+    import importlib.util
+
+    import kryptvault
+
+    if not in_ci():
+        pytest.skip("needs a tree just installed by scripts/install.sh (CI=true)")
+    package = Path(kryptvault.__file__).resolve().parent
+    stale = []
+    for source in sorted(package.rglob("*.py")):
+        compiled = Path(importlib.util.cache_from_source(str(source)))
+        if not compiled.exists() or compiled.stat().st_mtime < source.stat().st_mtime:
+            stale.append(str(source.relative_to(package)))
+    assert not stale, f"not byte-compiled: {stale}"
