@@ -60,6 +60,9 @@ class NullFilesystem:
     def generation(self, ino: int) -> int:
         return 0
 
+    def idle_work(self) -> bool:
+        return False  # nothing is ever deferred here
+
     def xattr_namespace_used(self, name: bytes) -> bool:
         return False
 
@@ -70,6 +73,9 @@ class NullFilesystem:
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return self._zeros[: max(0, min(size, SIZE - offset))]
+
+    def read_parts(self, fh: int, offset: int, size: int) -> list[bytes | memoryview]:
+        return [self.read(fh, offset, size)]
 
     def write(self, fh: int, offset: int, data: Any) -> int:
         return len(data)

@@ -110,6 +110,9 @@ class MemoryStore:
             buf[offset:end] = bytes(end - offset)
             self._dirty += 1
 
+    def read_parts(self, oid: int, stream: int, offset: int, size: int) -> list[bytes | memoryview]:
+        return [self.read(oid, stream, offset, size)]
+
     def stream_size(self, oid: int, stream: int) -> int:
         return len(self.objects[oid][1 + stream])
 

@@ -14,6 +14,7 @@ from store_support import Vault
 from kryptvault.container.pointer import stored_units
 from kryptvault.container.store import _PWRITE_MAX, _write_batches
 from kryptvault.fs import ROOT_INO, Filesystem
+from kryptvault.fs.filesystem import _SEAL_BACKLOG
 
 
 def _write_syscalls() -> int:
@@ -129,10 +130,11 @@ def test_stored_units_strip_exactly_the_trailing_zero_units_of_any_block() -> No
             assert stored_units(block, unit_size, end) == want, (size, unit_size, end)
 
 
-def test_closing_a_written_file_seals_its_data_at_once_and_an_open_one_waits(tmp_path: Path) -> None:
-    """A closed file's dirty block is encrypted into units at close, so its buffer is reused
-    by the next file instead of every small file holding a fresh 64 KiB buffer until the
-    dirty limit; a file still open keeps its block dirty (it may be written again)."""
+def test_a_closed_files_data_is_sealed_when_idle_and_an_open_one_waits(tmp_path: Path) -> None:
+    """A closed file's dirty block is encrypted into units when the request loop is idle
+    (Filesystem.idle_work), so its buffer is reused by the next file instead of every
+    small file holding a fresh 64 KiB buffer until the dirty limit; a file still open
+    keeps its block dirty (it may be written again)."""
     store = new_store(tmp_path / "c")
     fs = Filesystem.mkfs(store, 0, 0)
     store.commit()
@@ -141,11 +143,13 @@ def test_closing_a_written_file_seals_its_data_at_once_and_an_open_one_waits(tmp
     fs.write(fh, 0, b"c" * 2048)
     _still_open, fh_open = fs.create(ROOT_INO, b"open", 0o644, os.O_WRONLY, 0, 0)
     fs.write(fh_open, 0, b"o" * 2048)
-    assert store.statfs().free_units == free  # both blocks only dirty so far
     fs.release(fh)
+    assert store.statfs().free_units == free  # closed, but nothing was idle yet
+    assert fs.idle_work() is False  # one closed file: done, nothing more waiting
     sealed = free - store.statfs().free_units
     assert sealed == -(-2048 // store.statfs().unit_size)  # the closed file's 2 KiB, and only that
     fs.release(fh_open)
+    fs.idle_work()
     assert free - store.statfs().free_units == 2 * sealed
     fs.commit()
     close_store(store)
@@ -155,3 +159,47 @@ def test_closing_a_written_file_seals_its_data_at_once_and_an_open_one_waits(tmp
         ino = fs.lookup(ROOT_INO, name)
         assert store.read(ino, 0, 0, 4096) == byte * 2048
     close_store(store)
+
+
+def test_without_idle_moments_closed_files_wait_in_a_bounded_backlog(tmp_path: Path) -> None:
+    store = new_store(tmp_path / "c")
+    fs = Filesystem.mkfs(store, 0, 0)
+    store.commit()
+    unit = store.statfs().unit_size
+    free = store.statfs().free_units
+    files = _SEAL_BACKLOG + 10
+    for i in range(files):
+        _st, fh = fs.create(ROOT_INO, b"f%d" % i, 0o644, os.O_WRONLY, 0, 0)
+        fs.write(fh, 0, b"x" * unit)
+        fs.release(fh)
+    assert free - store.statfs().free_units == 10  # the oldest ten, one unit each
+    while fs.idle_work():
+        pass
+    assert free - store.statfs().free_units == files
+    close_store(store)
+
+
+def test_read_parts_join_to_read_and_stay_valid_after_later_writes(tmp_path: Path) -> None:
+    """The FUSE reply writes the pieces after the store's lock is let go: a piece of a
+    dirty (mutable) block must be a copy, a piece of a decrypted block may be a view."""
+    vault = Vault(tmp_path / "c")
+    store = vault.create()
+    oid = store.allocate_oid()
+    data = bytearray(os.urandom(300_000))
+    store.write(oid, 0, 0, data)
+    store.truncate(oid, 0, 400_000)  # a sparse tail
+    data += bytes(100_000)
+    store.commit()
+    store.write(oid, 0, 70_000, b"dirty" * 1000)  # one block dirty again
+    data[70_000:75_000] = b"dirty" * 1000
+    rng = random.Random(3)
+    for _ in range(200):
+        offset, size = rng.randrange(420_000), rng.randrange(1, 200_000)
+        parts = store.read_parts(oid, 0, offset, size)
+        assert b"".join(parts) == store.read(oid, 0, offset, size) == bytes(data[offset : offset + size])
+    parts = store.read_parts(oid, 0, 65_536, 131_072)
+    before = b"".join(parts)
+    store.write(oid, 0, 65_536, bytes(131_072))  # the dirty block's buffer changes now
+    assert b"".join(parts) == before
+    store.close()
+    vault.close_fds()

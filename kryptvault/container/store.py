@@ -1009,11 +1009,20 @@ class ObjectStore:
             self._free_ptr(old)
 
     def _read_from(self, s: _Stream, offset: int, size: int) -> bytes:
+        parts = self._read_parts(s, offset, size)
+        if len(parts) == 1:
+            return bytes(parts[0])
+        return b"".join(parts)
+
+    def _read_parts(self, s: _Stream, offset: int, size: int) -> list[bytes | memoryview]:
+        """The bytes at [offset, offset+size) as pieces that stay valid after the lock is
+        let go: views of immutable blocks (decrypted from disk, or zeros), copies of
+        mutable ones (dirty or recycled buffers)."""
         if offset >= s.size or size <= 0:
-            return b""
+            return [b""]
         end = min(offset + size, s.size)
         bs = self._bs
-        parts: list[bytes | bytearray | memoryview] = []
+        parts: list[bytes | memoryview] = []
         pos = offset
         while pos < end:
             idx, boff = divmod(pos, bs)
@@ -1023,17 +1032,13 @@ class ObjectStore:
                 parts.append(self._zero_view[:take])
             else:
                 have = len(blk) - boff
-                if have >= take:
-                    parts.append(memoryview(blk)[boff : boff + take])
-                elif have > 0:
-                    parts.append(memoryview(blk)[boff:])
-                    parts.append(self._zero_view[: take - have])
-                else:
-                    parts.append(self._zero_view[:take])
+                if have > 0:
+                    piece = memoryview(blk)[boff : boff + min(have, take)]
+                    parts.append(piece if type(blk) is bytes else bytes(piece))
+                if have < take:
+                    parts.append(self._zero_view[: take - max(have, 0)])
             pos += take
-        if len(parts) == 1:
-            return bytes(parts[0])
-        return b"".join(parts)
+        return parts
 
     def _truncate(self, s: _Stream, size: int) -> None:
         if size == s.size:
@@ -1576,6 +1581,15 @@ class ObjectStore:
         with self._lock:
             self._check_open()
             return self._read_from(self._stream(oid, stream), offset, size)
+
+    def read_parts(self, oid: int, stream: int, offset: int, size: int) -> list[bytes | memoryview]:
+        """`read` as pieces, without joining them (a FUSE reply is written with writev):
+        one copy less of each block read."""
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        with self._lock:
+            self._check_open()
+            return self._read_parts(self._stream(oid, stream), offset, size)
 
     def write(self, oid: int, stream: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write `data` at `offset`, extending the stream (a gap reads as zeros)."""

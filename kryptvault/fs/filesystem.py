@@ -50,6 +50,9 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 # Clean inodes/directories kept in memory beyond those in use.
 CACHE_LIMIT = 20000
+# Closed files waiting for idle_work before release seals the oldest itself: a bound on
+# the dirty buffers (64 KiB each) that a long burst of small files can hold.
+_SEAL_BACKLOG = 64
 
 _S_IFMT = 0o170000
 _PERM = 0o7777
@@ -73,6 +76,7 @@ class StoreLike(Protocol):
     def get_attrs(self, oid: int) -> bytes: ...
     def set_attrs(self, oid: int, attrs: bytes) -> None: ...
     def read(self, oid: int, stream: int, offset: int, size: int) -> bytes: ...
+    def read_parts(self, oid: int, stream: int, offset: int, size: int) -> list[bytes | memoryview]: ...
     def write(
         self, oid: int, stream: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None: ...
@@ -168,6 +172,9 @@ class Filesystem:
         # for the old one (its cached pages and attributes): see generation().
         self._freed: dict[int, int] = {}
         self._next_fh = 1
+        # Closed files whose data is still in dirty block buffers, oldest first: sealed
+        # when the request loops are idle (idle_work), or at once past _SEAL_BACKLOG.
+        self._to_seal: dict[int, None] = {}
         self._dirty_since: float | None = None
         self.commits = 0
         # Why the last commit failed (None once one succeeds): changes are refused meanwhile.
@@ -1017,7 +1024,31 @@ class Filesystem:
                 node.opens = 0
                 self._free(node)
             elif node.opens <= 0:
-                self.store.seal_data(node.oid)
+                # Not now: RELEASE is asynchronous for the program that closed the file, but
+                # the next request (its next open, say) would wait for the encryption.
+                self._to_seal[node.oid] = None
+                if len(self._to_seal) > _SEAL_BACKLOG:
+                    self._seal_oldest()
+
+    def idle_work(self) -> bool:
+        """Encrypt one closed file's dirty data into free units (ObjectStore.seal_data), so
+        its block buffer is reused by the next file instead of a fresh one per small file.
+        For a request loop that found no request waiting: never blocks on the lock (a
+        commit may hold it). True if more is waiting."""
+        if not self._to_seal or not self._lock.try_enter():
+            return False
+        try:
+            self._seal_oldest()
+            return bool(self._to_seal)
+        finally:
+            self._lock.leave()
+
+    def _seal_oldest(self) -> None:
+        oid = next(iter(self._to_seal))
+        del self._to_seal[oid]
+        node = self._inodes.get(oid)
+        if node is not None and node.opens == 0 and node.nlink > 0:
+            self.store.seal_data(oid)
 
     def _read(self, node: Inode, offset: int, size: int) -> bytes:
         try:
@@ -1035,6 +1066,20 @@ class Filesystem:
                 raise FsError(errno.EINVAL)
             try:
                 return self.store.read(h.ino, DATA, offset, size)
+            except IntegrityError as e:
+                log.error("object %d: data fails to authenticate: %s", h.ino, e)
+                raise FsError(errno.EIO, str(e)) from e
+
+    def read_parts(self, fh: int, offset: int, size: int) -> list[bytes | memoryview]:
+        """`read` as pieces to be written out together (writev), not joined first."""
+        with self._lock:
+            h = self._handles.get(fh)
+            if h is None:
+                raise FsError(errno.EBADF)
+            if offset < 0:
+                raise FsError(errno.EINVAL)
+            try:
+                return self.store.read_parts(h.ino, DATA, offset, size)
             except IntegrityError as e:
                 log.error("object %d: data fails to authenticate: %s", h.ino, e)
                 raise FsError(errno.EIO, str(e)) from e

@@ -29,6 +29,18 @@ class SealableLock:
     ) -> None:
         self._lock.release()
 
+    def try_enter(self) -> bool:
+        """Take the lock if it is free and the filesystem not sealed; `leave()` after."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        if self.sealed:
+            self._lock.release()
+            return False
+        return True  # (not `last_entered`: background work is no sign of use)
+
+    def leave(self) -> None:
+        self._lock.release()
+
     def seal(self) -> None:
         """Wait for the operation in progress, then refuse all later ones."""
         with self._lock:

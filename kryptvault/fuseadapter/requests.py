@@ -444,7 +444,9 @@ class Requests:
         self._opened(s.ino, fh, True, direct)
         return self._entry(s) + w.OPEN_OUT.pack(fh, self._open_flags(fh, direct), 0)
 
-    def _read(self, ino: int, uid: int, gid: int, pid: int, body: memoryview) -> bytes:
+    def _read(
+        self, ino: int, uid: int, gid: int, pid: int, body: memoryview
+    ) -> bytes | list[bytes | memoryview]:
         fh, offset, size, *_ = w.READ_IN.unpack_from(body)
         fs = self.fs
         try:
@@ -452,7 +454,7 @@ class Requests:
             # back of a page the kernel holds, a truncate) makes this block's store stale.
             version = self.feed.version(ino)
             if size >= STORE_BLOCK or fh in self._direct or not self.feed.wants(ino):
-                return fs.read(fh, offset, size)
+                return fs.read_parts(fh, offset, size)
             start = offset - offset % STORE_BLOCK
             block = fs.read(fh, start, STORE_BLOCK)
         except FsError as e:

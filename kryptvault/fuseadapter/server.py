@@ -181,6 +181,7 @@ class FuseServer(Requests):
         readv = os.readv
         ready = waiter.poll
         clock = time.perf_counter
+        idle_work = self.fs.idle_work
         while True:
             try:
                 return readv(self._fd, [buf])
@@ -194,7 +195,14 @@ class FuseServer(Requests):
             while clock() < until:
                 if ready(0):
                     break
+                if not self._draining:
+                    # Nothing waiting: the moment for deferred work (a closed file's
+                    # encryption), which would otherwise delay the next request.
+                    idle_work()
             else:
+                if not self._draining:
+                    while idle_work():
+                        pass
                 ready()
 
     def _drain_setattr_ok(self, opcode: int, body: memoryview) -> bool:
