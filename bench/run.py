@@ -661,6 +661,11 @@ def main() -> int:
     return 0
 
 
+def _in_mount_table(path: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f)
+
+
 def discard(t: Target, running: list[Target]) -> None:
     """Unmount and remove a target after an error, whatever state it is in."""
     if t in running:
@@ -669,7 +674,9 @@ def discard(t: Target, running: list[Target]) -> None:
             t.stop()
         except Exception as e:
             print(f"bench/run.py: cleaning up {t.name}: {e}", file=sys.stderr)
-    if os.path.ismount(t.mp):
+    # A daemon that died leaves a dead mount, which os.path.ismount does not see (its stat
+    # fails): the mount table does.
+    if os.path.ismount(t.mp) or _in_mount_table(t.mp):
         subprocess.run(["fusermount3", "-u", "-z", str(t.mp)], capture_output=True, check=False)
     with contextlib.suppress(OSError):
         t.teardown()

@@ -1058,17 +1058,8 @@ class Filesystem:
             raise FsError(errno.EIO, str(e)) from e
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
-        with self._lock:
-            h = self._handles.get(fh)
-            if h is None:
-                raise FsError(errno.EBADF)
-            if offset < 0:
-                raise FsError(errno.EINVAL)
-            try:
-                return self.store.read(h.ino, DATA, offset, size)
-            except IntegrityError as e:
-                log.error("object %d: data fails to authenticate: %s", h.ino, e)
-                raise FsError(errno.EIO, str(e)) from e
+        parts = self.read_parts(fh, offset, size)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
     def read_parts(self, fh: int, offset: int, size: int) -> list[bytes | memoryview]:
         """`read` as pieces to be written out together (writev), not joined first."""
