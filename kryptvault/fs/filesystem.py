@@ -1047,8 +1047,15 @@ class Filesystem:
         oid = next(iter(self._to_seal))
         del self._to_seal[oid]
         node = self._inodes.get(oid)
-        if node is not None and node.opens == 0 and node.nlink > 0:
+        if node is None or node.opens or node.nlink == 0:
+            return
+        try:
             self.store.seal_data(oid)
+        except Exception:
+            # Background work: nobody waits for it, so it must not end the request loop or
+            # fail a close. The store took note (save_problem): the next change is refused
+            # and the next commit, fsync or lock reports it.
+            log.exception("object %d: encrypting a closed file's data failed", oid)
 
     def _read(self, node: Inode, offset: int, size: int) -> bytes:
         try:
