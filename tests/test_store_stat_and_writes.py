@@ -4,6 +4,7 @@ its attributes), its write sizes (no write(2) over 1 MiB), the stored length of 
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -203,3 +204,81 @@ def test_read_parts_join_to_read_and_stay_valid_after_later_writes(tmp_path: Pat
     assert b"".join(parts) == before
     store.close()
     vault.close_fds()
+
+
+def _tree_with_a_full_directory(tmp_path: Path, files: int) -> tuple[int, list[bytes]]:
+    """A committed vault with directory "d" holding `files` files of distinct sizes."""
+    store = new_store(tmp_path / "c")
+    fs = Filesystem.mkfs(store, 0, 0)
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).ino
+    names = [b"f%d" % i for i in range(files)]
+    for i, name in enumerate(names):
+        _st, fh = fs.create(d, name, 0o644, os.O_WRONLY, 0, 0)
+        fs.write(fh, 0, b"x" * i)
+        fs.release(fh)
+    fs.commit()
+    close_store(store)
+    return d, names
+
+
+def test_idle_moments_load_the_inodes_beside_a_cold_lookup_with_their_true_sizes(tmp_path: Path) -> None:
+    """`ls -l`, `find` and `du` stat a directory's entries one after another: the first cold
+    look-up queues its siblings, and idle moments load them, so their own look-ups find
+    them cached; what they report is what a cold look-up reports."""
+    d, names = _tree_with_a_full_directory(tmp_path, 40)
+    store = open_store(tmp_path / "c")
+    fs = Filesystem(store)
+    first = fs.lookup_stat(d, names[0])
+    assert first.size == 0
+    cached_before = set(fs._inodes)
+    steps = 0
+    while fs.idle_work():
+        steps += 1
+    assert steps == len(names) - 2  # one inode per call: the request loop waits for one at most
+    siblings = {fs.lookup(d, name) for name in names[1:]}
+    assert siblings.isdisjoint(cached_before) and siblings <= set(fs._inodes)
+    warmed = [fs.lookup_stat(d, name) for name in names]
+    close_store(store)
+    store = open_store(tmp_path / "c")
+    cold = Filesystem(store)
+    assert [(s.ino, s.size, s.blocks, s.mode, s.mtime_ns) for s in warmed] == [
+        (s.ino, s.size, s.blocks, s.mode, s.mtime_ns) for s in (cold.lookup_stat(d, n) for n in names)
+    ]
+    close_store(store)
+
+
+def test_metadata_read_ahead_does_not_bring_back_a_file_unlinked_meanwhile(tmp_path: Path) -> None:
+    d, names = _tree_with_a_full_directory(tmp_path, 10)
+    store = open_store(tmp_path / "c")
+    fs = Filesystem(store)
+    fs.lookup_stat(d, names[0])
+    fs.unlink(d, names[5])
+    while fs.idle_work():
+        pass
+    try:
+        fs.lookup_stat(d, names[5])
+    except OSError as e:
+        assert e.errno == errno.ENOENT
+    else:
+        raise AssertionError("an unlinked name was found again")
+    assert [fs.lookup_stat(d, n).size for n in names if n != names[5]] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    close_store(store)
+
+
+def test_a_store_failure_during_metadata_read_ahead_ends_it_without_raising(tmp_path: Path) -> None:
+    """Background work has nobody to report to: a failing store stops the read-ahead, and
+    the look-up that needs the inode meets the error itself."""
+    d, names = _tree_with_a_full_directory(tmp_path, 10)
+    store = open_store(tmp_path / "c")
+    fs = Filesystem(store)
+    fs.lookup_stat(d, names[0])
+    store.close()
+    assert fs.idle_work() is False
+    assert fs.idle_work() is False  # nothing left queued
+    try:
+        fs.lookup_stat(d, names[3])
+    except Exception as e:  # the store's own error, as without the read-ahead
+        assert "closed" in str(e)
+    else:
+        raise AssertionError("a closed store answered a cold look-up")
+    close_store(store)  # its fd; closing twice is allowed

@@ -53,6 +53,11 @@ CACHE_LIMIT = 20000
 # Closed files waiting for idle_work before release seals the oldest itself: a bound on
 # the dirty buffers (64 KiB each) that a long burst of small files can hold.
 _SEAL_BACKLOG = 64
+# Metadata read-ahead (idle_work): how many directories may wait to have their entries'
+# inodes loaded, and how full the inode cache may get from it (a real look-up, never
+# the read-ahead, is what makes the cache shed clean inodes).
+_WARM_DIRS = 64
+_WARM_CACHE_SHARE = CACHE_LIMIT * 3 // 4
 
 _S_IFMT = 0o170000
 _PERM = 0o7777
@@ -175,6 +180,10 @@ class Filesystem:
         # Closed files whose data is still in dirty block buffers, oldest first: sealed
         # when the request loops are idle (idle_work), or at once past _SEAL_BACKLOG.
         self._to_seal: dict[int, None] = {}
+        # Directories a cold look-up went into, oldest first, each with the entries whose
+        # inodes are still to be loaded while the request loops are idle (idle_work):
+        # `ls -l`, `find`, `du`, a backup, stat their entries one by one.
+        self._to_warm: dict[int, list[int]] = {}
         self._dirty_since: float | None = None
         self.commits = 0
         # Why the last commit failed (None once one succeeds): changes are refused meanwhile.
@@ -553,7 +562,10 @@ class Filesystem:
     def lookup_stat(self, parent: int, name: bytes) -> Stat:
         """`getattr(lookup(parent, name))` under one lock: the kernel's LOOKUP wants both."""
         with self._lock:
-            return self._stat_of(self._child(parent, name))
+            ino = self._child(parent, name)
+            if ino not in self._inodes and parent not in self._to_warm:
+                self._queue_warm(parent)
+            return self._stat_of(ino)
 
     def _child(self, parent: int, name: bytes) -> int:
         node, d = self._dirnode(parent)
@@ -1031,17 +1043,61 @@ class Filesystem:
                     self._seal_oldest()
 
     def idle_work(self) -> bool:
-        """Encrypt one closed file's dirty data into free units (ObjectStore.seal_data), so
-        its block buffer is reused by the next file instead of a fresh one per small file.
-        For a request loop that found no request waiting: never blocks on the lock (a
-        commit may hold it). True if more is waiting."""
-        if not self._to_seal or not self._lock.try_enter():
+        """Background work for a request loop that found no request waiting; one short
+        step per call, so a request arriving meanwhile waits for at most one. First,
+        encrypt one closed file's dirty data into free units (ObjectStore.seal_data), so
+        its block buffer is reused by the next file instead of a fresh one per small file;
+        then load one inode of a directory a cold look-up went into (its siblings are
+        likely next). Never blocks on the lock (a commit may hold it). True if more is
+        waiting."""
+        if not (self._to_seal or self._to_warm) or not self._lock.try_enter():
             return False
         try:
-            self._seal_oldest()
-            return bool(self._to_seal)
+            if self._to_seal:
+                self._seal_oldest()
+            else:
+                self._warm_next()
+            return bool(self._to_seal or self._to_warm)
         finally:
             self._lock.leave()
+
+    def _queue_warm(self, parent: int) -> None:
+        d = self._dirs.get(parent)
+        if d is None or len(self._inodes) >= _WARM_CACHE_SHARE:
+            return
+        pending = [oid for oid, _typ, _pos in d.entries.values() if oid not in self._inodes]
+        if not pending:
+            return
+        pending.reverse()  # popped from the end: directory order
+        if len(self._to_warm) >= _WARM_DIRS:
+            del self._to_warm[next(iter(self._to_warm))]
+        self._to_warm[parent] = pending
+
+    def _warm_next(self) -> None:
+        """Load the next inode of the directory first in line, then put it last: several
+        directories walked at once (`find`, parallel jobs) are each served in turn."""
+        parent = next(iter(self._to_warm))
+        pending = self._to_warm.pop(parent)
+        if len(self._inodes) >= _WARM_CACHE_SHARE:
+            self._to_warm.clear()
+            return
+        while pending:
+            oid = pending.pop()
+            if oid in self._inodes:
+                continue
+            try:
+                self._stat_of(oid)
+            except FsError:
+                pass  # a damaged or vanished entry: its own look-up reports it
+            except Exception:
+                # The store failed (closed, I/O): background work, so never raised into
+                # the request loop; the look-up that needs the inode meets the error.
+                log.debug("metadata read-ahead stopped", exc_info=True)
+                self._to_warm.clear()
+                return
+            break
+        if pending:
+            self._to_warm[parent] = pending
 
     def _seal_oldest(self) -> None:
         oid = next(iter(self._to_seal))
