@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
-import hmac
 import logging
 import mmap
 import os
@@ -24,7 +22,10 @@ _PR_SET_DUMPABLE = 4
 
 _libc: ctypes.CDLL | None
 try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # dlopen(NULL): the process's own symbols, libc's among them. ctypes.util.find_library
+    # would run `ldconfig -p` and import subprocess: memory the key-holding daemon keeps
+    # until it exits, and every page it maps lengthens that exit, the last step of a lock.
+    _libc = ctypes.CDLL(None, use_errno=True)
 except OSError:  # pragma: no cover - every Linux has a libc; keep hardening best effort
     _libc = None
 
@@ -66,7 +67,10 @@ def is_dumpable() -> bool:
 
 
 def constant_time_equal(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> bool:
-    # hmac.compare_digest accepts any bytes-like object without copying it.
+    # hmac.compare_digest accepts any bytes-like object without copying it. Imported here:
+    # hmac maps OpenSSL's libcrypto (~3 MiB), which the mount daemon never needs.
+    import hmac
+
     return hmac.compare_digest(memoryview(a), memoryview(b))
 
 

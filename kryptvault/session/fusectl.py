@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import re
@@ -30,7 +29,7 @@ PROBE_TIMEOUT = 2.0
 # UTF-8 or not, appears as is (so no text codec may touch it).
 _OCTAL = re.compile(rb"\\([0-7]{3})")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc is among the process's own symbols (secret.py)
 
 
 def is_mounted(path: Path) -> bool:
