@@ -152,6 +152,20 @@ def check_name(name: bytes) -> None:
         raise FsError(errno.EINVAL)
 
 
+# <linux/time.h>; Python names it only from 3.13 on.
+_CLOCK_REALTIME_COARSE: int = getattr(time, "CLOCK_REALTIME_COARSE", 5)
+
+
+def file_time_ns() -> int:
+    """Now, as Linux stamps file times: current_time() reads the coarse real-time clock
+    (one tick, 1-4 ms), as local filesystems such as ext4 and tmpfs do. The same clock
+    matters under the FUSE writeback cache: the kernel stamps a write itself and skips the
+    stamp when the file's times already equal its clock; a file created and written within
+    one tick then has no times to write back at close (one SETATTR round trip fewer).
+    """
+    return time.clock_gettime_ns(_CLOCK_REALTIME_COARSE)
+
+
 class Filesystem:
     """The filesystem over one ObjectStore. Thread-safe (one lock)."""
 
@@ -160,7 +174,7 @@ class Filesystem:
         store: StoreLike,
         *,
         host_dir: str | None = None,
-        clock: Callable[[], int] = time.time_ns,
+        clock: Callable[[], int] = file_time_ns,
     ) -> None:
         self.store = store
         self.host_dir = host_dir
@@ -201,7 +215,7 @@ class Filesystem:
         oid = store.allocate_oid()
         if oid != ROOT_INO:
             raise FsError(errno.EEXIST, f"store is not empty (first free object is {oid})")
-        root = Inode(oid, stat.S_IFDIR | (mode & _PERM), uid, gid, 2, time.time_ns(), parent=oid)
+        root = Inode(oid, stat.S_IFDIR | (mode & _PERM), uid, gid, 2, file_time_ns(), parent=oid)
         root.flags = xattrs.NS_TRACKED
         store.mark_metadata(oid)  # directory blocks get a second copy (FORMAT.md §4.2)
         store.write(oid, DATA, 0, DIR_MAGIC)
