@@ -127,6 +127,9 @@ class MemoryStore:
             return None
         return (self.get_attrs(oid), *self.size_and_stored(oid))
 
+    def advise_directory_readahead(self) -> int:
+        return 0  # directories are in memory: nothing to read ahead
+
     def seal_data(self, oid: int) -> None:
         pass  # nothing is encrypted or buffered here: a closed file's data is where it stays
 

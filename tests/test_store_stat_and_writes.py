@@ -282,3 +282,26 @@ def test_a_store_failure_during_metadata_read_ahead_ends_it_without_raising(tmp_
     else:
         raise AssertionError("a closed store answered a cold look-up")
     close_store(store)  # its fd; closing twice is allowed
+
+
+def test_opening_a_vault_asks_the_kernel_to_read_its_directories_ahead_once(tmp_path: Path) -> None:
+    """The first look-ups after a mount would each wait for the disk to bring one
+    directory's block: the open found them all (objects flagged metadata), and the
+    filesystem asks the kernel to fetch them meanwhile (POSIX_FADV_WILLNEED)."""
+    store = new_store(tmp_path / "c")
+    fs = Filesystem.mkfs(store, 0, 0)
+    for i in range(5):
+        d = fs.mkdir(ROOT_INO, b"d%d" % i, 0o755, 0, 0).ino
+        _st, fh = fs.create(d, b"f", 0o644, os.O_WRONLY, 0, 0)
+        fs.write(fh, 0, b"not a directory" * 100)
+        fs.release(fh)
+    fs.commit()
+    close_store(store)
+    store = open_store(tmp_path / "c")
+    assert store.advise_directory_readahead() == 6  # the root and d0..d4, not the files
+    assert store.advise_directory_readahead() == 0  # once per open
+    close_store(store)
+    store = open_store(tmp_path / "c")
+    Filesystem(store)  # a mount's filesystem asks
+    assert store.advise_directory_readahead() == 0
+    close_store(store)
