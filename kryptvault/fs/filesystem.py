@@ -13,6 +13,7 @@ attributes (xattr.py). Permission checks are the kernel's job (`default_permissi
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -57,6 +58,7 @@ _SEAL_BACKLOG = 64
 # inodes loaded, and how full the inode cache may get from it (a real look-up, never
 # the read-ahead, is what makes the cache shed clean inodes).
 _WARM_DIRS = 64
+_WARM_ENTRIES = 4096  # per directory: what waits stays small (64 x 4096 numbers at most)
 _WARM_CACHE_SHARE = CACHE_LIMIT * 3 // 4
 
 _S_IFMT = 0o170000
@@ -1083,7 +1085,9 @@ class Filesystem:
         d = self._dirs.get(parent)
         if d is None or len(self._inodes) >= _WARM_CACHE_SHARE:
             return
-        pending = [oid for oid, _typ, _pos in d.entries.values() if oid not in self._inodes]
+        pending = list(itertools.islice(
+            (oid for oid, _typ, _pos in d.entries.values() if oid not in self._inodes), _WARM_ENTRIES
+        ))
         if not pending:
             return
         pending.reverse()  # popped from the end: directory order

@@ -196,8 +196,9 @@ class FuseServer(Requests):
                 if ready(0):
                     break
                 if not self._draining:
-                    # Nothing waiting: the moment for deferred work (a closed file's
-                    # encryption), which would otherwise delay the next request.
+                    # Nothing waiting: the moment for background work (a closed file's
+                    # encryption, loading the inodes beside a cold look-up), one short
+                    # step at a time, which would otherwise delay the next request.
                     idle_work()
             else:
                 if not self._draining:
