@@ -1503,7 +1503,11 @@ class ObjectStore:
             self._inuse[oid] = 1
             self._meta_oids.discard(oid)
             for st in (0, 1):
-                self._streams.pop((oid, st), None)
+                # Both streams empty, as the entry just written says: cached now, so the
+                # create's own stat does not read the entry back and decode it.
+                empty = _Stream(oid, st, 0, 0, HOLE)
+                empty.units = 0
+                self._streams[(oid, st)] = empty
             if self._dirty_bytes > self._dirty_limit:
                 self._flush_all()
             return oid
