@@ -4,15 +4,20 @@ its attributes), its write sizes (no write(2) over 1 MiB), the stored length of 
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import itertools
+import mmap
 import os
 import random
+import time
 from pathlib import Path
 
+import pytest
 from fs_fixtures import close_store, new_store, open_store
 from store_support import Vault
 
-from kryptvault.container.pointer import stored_units
+from kryptvault.container.pointer import stored_units, unpack_pointer
 from kryptvault.container.store import _PWRITE_MAX, _write_batches
 from kryptvault.fs import ROOT_INO, Filesystem
 from kryptvault.fs.filesystem import _SEAL_BACKLOG
@@ -305,3 +310,68 @@ def test_opening_a_vault_asks_the_kernel_to_read_its_directories_ahead_once(tmp_
     Filesystem(store)  # a mount's filesystem asks
     assert store.advise_directory_readahead() == 0
     close_store(store)
+
+
+def _resident(path: Path, ranges: list[tuple[int, int]]) -> list[bool]:
+    """Whether every page of each (offset, length) of a file is in the page cache (mincore
+    on a private mapping of it: its pages are the page cache's until written)."""
+    page = mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        base = ctypes.addressof(anchor)
+        out = []
+        for offset, length in ranges:
+            start = offset - offset % page
+            pages = -(-(offset + length - start) // page)
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(ctypes.c_void_p(base + start), ctypes.c_size_t(pages * page), vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+            out.append(all(v & 1 for v in vec))
+        return out
+    finally:
+        del anchor
+        mapping.close()
+
+
+def test_a_sequential_read_has_the_kernel_fetch_the_streams_next_blocks_wherever_they_lie(
+    tmp_path: Path,
+) -> None:
+    """Blocks are written copy-on-write, wherever free units are, so a file's next block
+    may lie anywhere in the container and the kernel's own read-ahead (forward from the
+    last read) misses it. Here each block lies *before* the previous one: a read of the
+    first two blocks must get the following ones fetched all the same."""
+    vault = Vault(tmp_path / "c")
+    store = vault.create()
+    oid = store.allocate_oid()
+    blocks = 40
+    bs = store.layout.block_size
+    for index in reversed(range(blocks)):  # one commit each: block 39 gets the lowest units
+        store.write(oid, 0, index * bs, os.urandom(bs))
+        store.commit()
+    store.close()
+    vault.close_fds()
+
+    store = vault.open()
+    s = store._stream(oid, 0)
+
+    def units_of(index: int) -> tuple[int, int]:
+        unit, units, _f, _n, _t = unpack_pointer(store._ptr_of(s, 0, index))
+        return store.layout.unit_offset(unit), units * store.layout.unit_size
+
+    later = [units_of(i) for i in range(10, 31)]
+    assert all(b[0] < a[0] for a, b in itertools.pairwise(later)), "layout is not reversed"
+    with open(vault.path, "rb+") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if any(_resident(vault.path, later)):
+        pytest.skip("this filesystem keeps the container cached (tmpfs?): nothing to observe")
+    assert store.read(oid, 0, 0, bs) and store.read(oid, 0, bs, bs)  # blocks 0 and 1, in order
+    deadline = time.monotonic() + 5
+    while not all(_resident(vault.path, later)):
+        assert time.monotonic() < deadline, _resident(vault.path, later)
+        time.sleep(0.01)
+    store.close()
+    vault.close_fds()
