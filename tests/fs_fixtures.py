@@ -130,9 +130,6 @@ class MemoryStore:
     def advise_directory_readahead(self) -> int:
         return 0  # directories are in memory: nothing to read ahead
 
-    def take_over_read_ahead(self) -> None:
-        pass  # nothing is read from a disk here
-
     def seal_data(self, oid: int) -> None:
         pass  # nothing is encrypted or buffered here: a closed file's data is where it stays
 

@@ -1705,19 +1705,6 @@ class ObjectStore:
             self._check_open()
             return self._stored_bytes(self._stream(oid, stream))
 
-    def take_over_read_ahead(self) -> None:
-        """From now on only the store reads ahead (_read_ahead): the kernel's read-ahead of
-        the container guesses forward in container order, which is not a file's order
-        (copy-on-write), and its guesses compete with the store's for the disk
-        (POSIX_FADV_RANDOM on this descriptor; cold sequential read of 256 MiB here,
-        medians of 8: 810 MB/s with both, 948 MB/s with the store's alone). For a
-        filesystem about to serve requests; the open's own scan of the object table,
-        which reads it in order, is over by then."""
-        with self._lock:
-            self._check_open()
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
-
     def advise_directory_readahead(self) -> int:
         """Ask the kernel to start reading the blocks of the directories the open found
         (objects flagged metadata, one block each: most directories) into the page cache
