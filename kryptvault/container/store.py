@@ -178,12 +178,15 @@ class _Stream:
         self.ra_until = -1
 
 
-def _advise_willneed(fd: int, runs: list[list[int]]) -> None:
-    for at, length in runs:
+def _advise_willneed(fd: int, runs: list[list[int]]) -> int:
+    """Ask the kernel to fetch each (offset, length) into the page cache without waiting;
+    how many it took (advice only: a descriptor that takes none loses nothing)."""
+    for taken, (at, length) in enumerate(runs):
         try:
             os.posix_fadvise(fd, at, length, os.POSIX_FADV_WILLNEED)
         except OSError:
-            return  # advice only: a descriptor that takes none loses nothing
+            return taken
+    return len(runs)
 
 
 def _ditto(flags: int) -> int:
@@ -1092,8 +1095,7 @@ class ObjectStore:
                 break  # the read that reaches it reports it
             if ptr == HOLE or ptr in self._cache:
                 continue
-            unit, units, _flags, _nonce, _tag = fmt.unpack_pointer(ptr)
-            at, length = self.layout.unit_offset(unit), units * self._us
+            at, length = self._span(ptr)
             if runs and runs[-1][0] + runs[-1][1] == at:
                 runs[-1][1] += length
             else:
@@ -1714,17 +1716,12 @@ class ObjectStore:
         with self._lock:
             self._check_open()
             roots, self._readahead_roots = self._readahead_roots, []
-            advised = 0
-            for ptr in roots:
-                unit, units, _flags, _nonce, _tag = fmt.unpack_pointer(ptr)
-                try:
-                    os.posix_fadvise(
-                        self._fd, self.layout.unit_offset(unit), units * self._us, os.POSIX_FADV_WILLNEED
-                    )
-                except OSError:
-                    break  # a pipe or a device that takes no advice: nothing lost
-                advised += 1
-            return advised
+            return _advise_willneed(self._fd, [list(self._span(ptr)) for ptr in roots])
+
+    def _span(self, ptr: bytes) -> tuple[int, int]:
+        """Where a block pointer's (first) copy lies in the container: (offset, length)."""
+        unit, units, _flags, _nonce, _tag = fmt.unpack_pointer(ptr)
+        return self.layout.unit_offset(unit), units * self._us
 
     def size_and_stored(self, oid: int) -> tuple[int, int]:
         """(size of stream 0, stored bytes of both streams): what a stat needs, in one call

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hmac
 import logging
 import mmap
 import os
@@ -23,8 +24,7 @@ _PR_SET_DUMPABLE = 4
 _libc: ctypes.CDLL | None
 try:
     # dlopen(NULL): the process's own symbols, libc's among them. ctypes.util.find_library
-    # would run `ldconfig -p` and import subprocess: memory the key-holding daemon keeps
-    # until it exits, and every page it maps lengthens that exit, the last step of a lock.
+    # would run `ldconfig -p` in a subprocess at every start of every kryptvault process.
     _libc = ctypes.CDLL(None, use_errno=True)
 except OSError:  # pragma: no cover - every Linux has a libc; keep hardening best effort
     _libc = None
@@ -67,10 +67,7 @@ def is_dumpable() -> bool:
 
 
 def constant_time_equal(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> bool:
-    # hmac.compare_digest accepts any bytes-like object without copying it. Imported here:
-    # hmac maps OpenSSL's libcrypto (~3 MiB), which the mount daemon never needs.
-    import hmac
-
+    # hmac.compare_digest accepts any bytes-like object without copying it.
     return hmac.compare_digest(memoryview(a), memoryview(b))
 
 
