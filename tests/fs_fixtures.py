@@ -113,6 +113,11 @@ class MemoryStore:
     def read_parts(self, oid: int, stream: int, offset: int, size: int) -> list[bytes | memoryview]:
         return [self.read(oid, stream, offset, size)]
 
+    def read_into(self, oid: int, stream: int, offset: int, out: memoryview) -> int:
+        data = self.read(oid, stream, offset, len(out))
+        out[: len(data)] = data
+        return len(data)
+
     def stream_size(self, oid: int, stream: int) -> int:
         return len(self.objects[oid][1 + stream])
 

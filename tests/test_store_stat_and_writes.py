@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 from fs_fixtures import close_store, new_store, open_store
-from store_support import Vault
+from store_support import DEFAULT, Vault, pattern
 
 from kryptvault.container.pointer import stored_units, unpack_pointer
-from kryptvault.container.store import _PWRITE_MAX, _write_batches
+from kryptvault.container.store import _PWRITE_MAX, BlockIntegrityError, _write_batches
 from kryptvault.fs import ROOT_INO, Filesystem
 from kryptvault.fs.filesystem import _SEAL_BACKLOG
 
@@ -207,6 +207,85 @@ def test_read_parts_join_to_read_and_stay_valid_after_later_writes(tmp_path: Pat
     before = b"".join(parts)
     store.write(oid, 0, 65_536, bytes(131_072))  # the dirty block's buffer changes now
     assert b"".join(parts) == before
+    store.close()
+    vault.close_fds()
+
+
+def test_read_into_gives_what_read_gives_for_clean_dirty_sparse_and_partial_ranges(tmp_path: Path) -> None:
+    """FUSE reads of 64 KiB and more are decrypted straight into the request loop's buffer:
+    every byte the buffer is given must be what `read` returns, holes and stripped zero
+    tails written as zeros over whatever the buffer held before."""
+    bs = DEFAULT.block_size
+    vault = Vault(tmp_path / "c")
+    store = vault.create()
+    oid = store.allocate_oid()
+    data = bytearray(os.urandom(5 * bs + 1000))
+    data[bs + 100 : 2 * bs] = bytes(bs - 100)  # a block whose stored form is cut short
+    store.write(oid, 0, 0, data)
+    store.truncate(oid, 0, 9 * bs)  # a sparse tail
+    data += bytes(9 * bs - len(data))
+    store.commit()
+    store.write(oid, 0, 3 * bs + 5, b"dirty" * 1000)  # one block dirty again
+    data[3 * bs + 5 : 3 * bs + 5005] = b"dirty" * 1000
+    out = memoryview(bytearray(4 * bs))
+    rng = random.Random(5)
+    ranges = [(i * bs, bs) for i in range(10)] + [(0, 4 * bs), (bs, 3 * bs), (8 * bs + 10, bs)]
+    ranges += [(rng.randrange(10 * bs), rng.randrange(1, 4 * bs)) for _ in range(200)]
+    for offset, size in ranges:
+        out[:] = b"\xee" * len(out)
+        n = store.read_into(oid, 0, offset, out[:size])
+        expected = store.read(oid, 0, offset, size)
+        assert n == len(expected) == len(data[offset : offset + size])
+        assert bytes(out[:n]) == expected == bytes(data[offset : offset + size])
+    store.close()
+    vault.close_fds()
+
+
+def test_whole_blocks_read_into_a_buffer_stay_out_of_the_block_cache(tmp_path: Path) -> None:
+    """A sequential read streams through; caching its blocks would only push the
+    metadata (directories, inode table, indirect blocks) out of the cache."""
+    bs = DEFAULT.block_size
+    vault = Vault(tmp_path / "c")
+    store = vault.create()
+    oid = store.allocate_oid()
+    store.write(oid, 0, 0, os.urandom(8 * bs))
+    store.commit()
+    store.close()
+    store = vault.open()
+    out = memoryview(bytearray(8 * bs))
+    assert store.read_into(oid, 0, 0, out) == 8 * bs
+    s = store._stream(oid, 0)
+    assert not any(store._ptr_of(s, 0, i) in store._cache for i in range(8))
+    store.read_into(oid, 0, 100, out[: bs - 200])  # part of a block: read through the cache
+    assert store._ptr_of(s, 0, 0) in store._cache
+    store.close()
+    vault.close_fds()
+
+
+def test_a_damaged_block_read_into_a_buffer_leaves_zeros_there_not_its_plaintext(tmp_path: Path) -> None:
+    """AES-GCM decrypts before it checks the tag: a block whose ciphertext was altered has
+    mostly its true plaintext in the buffer when the check fails. The buffer is the FUSE
+    reply's; what fails to authenticate must not stay in it."""
+    bs = DEFAULT.block_size
+    vault = Vault(tmp_path / "c")
+    store = vault.create()
+    oid = store.allocate_oid()
+    plain = pattern(oid, 4 * bs)
+    store.write(oid, 0, 0, plain)
+    store.commit()
+    unit = unpack_pointer(store._ptr_of(store._stream(oid, 0), 0, 2))[0]
+    store.close()
+    with open(vault.path, "r+b") as f:
+        f.seek(DEFAULT.unit_offset(unit) + 100)
+        byte = f.read(1)
+        f.seek(DEFAULT.unit_offset(unit) + 100)
+        f.write(bytes([byte[0] ^ 0x40]))
+    store = vault.open()
+    out = memoryview(bytearray(b"\xee" * (2 * bs)))
+    with pytest.raises(BlockIntegrityError):
+        store.read_into(oid, 0, bs, out)
+    assert bytes(out[:bs]) == plain[bs : 2 * bs]  # the block before it, read first
+    assert bytes(out[bs:]) == bytes(bs)
     store.close()
     vault.close_fds()
 

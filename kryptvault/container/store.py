@@ -29,6 +29,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import overload
 
 from kryptvault.container import pointer as fmt
 from kryptvault.container.alloc import FRESH, UnitMap
@@ -809,22 +810,30 @@ class ObjectStore:
             self._cache_bytes -= len(hit)
         return hit
 
+    @overload
+    def _read_disk(self, oid: int, stream: int, level: int, index: int, ptr: bytes) -> bytes | bytearray: ...
+    @overload
     def _read_disk(
-        self, oid: int, stream: int, level: int, index: int, ptr: bytes
-    ) -> bytes | bytearray:
+        self, oid: int, stream: int, level: int, index: int, ptr: bytes, into: memoryview
+    ) -> memoryview: ...
+    def _read_disk(
+        self, oid: int, stream: int, level: int, index: int, ptr: bytes, into: memoryview | None = None
+    ) -> bytes | bytearray | memoryview:
         """Read and authenticate one block from disk: its stored form (trailing zero units
-        stripped). A block with a second copy is read from copy 2 when copy 1 fails; the
-        bad copy is remembered (`bad_copies`) for fsck to report and repair."""
+        stripped), decrypted into fresh memory or, given `into` (a block's room), into the
+        start of `into` (a view of it is returned). A block with a second copy is read from
+        copy 2 when copy 1 fails; the bad copy is remembered (`bad_copies`) for fsck to
+        report and repair."""
         problem = self._ptr_problem(ptr)
         if problem is not None:
             raise BlockIntegrityError(oid, stream, level, index, problem)
         unit, _units, flags, _nonce, _tag = fmt.unpack_pointer(ptr)
-        got = self._read_copy(oid, stream, level, index, ptr, unit)
+        got = self._read_copy(oid, stream, level, index, ptr, unit, into)
         if not isinstance(got, str):
             return got
         if not flags:
             raise BlockIntegrityError(oid, stream, level, index, got)
-        second = self._read_copy(oid, stream, level, index, ptr, unit + _ditto(flags) * self._upc)
+        second = self._read_copy(oid, stream, level, index, ptr, unit + _ditto(flags) * self._upc, into)
         if isinstance(second, str):
             raise BlockIntegrityError(
                 oid, stream, level, index, f"both copies are unreadable (copy 1: {got}; copy 2: {second})")
@@ -832,8 +841,8 @@ class ObjectStore:
         return second
 
     def _read_copy(
-        self, oid: int, stream: int, level: int, index: int, ptr: bytes, unit: int
-    ) -> bytes | bytearray | str:
+        self, oid: int, stream: int, level: int, index: int, ptr: bytes, unit: int, into: memoryview | None
+    ) -> bytes | bytearray | memoryview | str:
         """One copy of a block, authenticated, or why it is unreadable."""
         _unit, units, _flags, nonce, tag = fmt.unpack_pointer(ptr)
         if self._aw.busy and self._units.map[unit] == FRESH:
@@ -848,6 +857,9 @@ class ObjectStore:
         # Always fresh memory here, never a pooled buffer: a caller may still hold a view
         # of a buffer that the cache evicted earlier in the same read.
         try:
+            if into is not None:
+                self._data.open_into(nonce, sealed, aad, into[:length])
+                return into[:length]
             return self._data.open(nonce, sealed, aad)
         except AuthenticationFailed:
             return "failed authentication"
@@ -905,16 +917,21 @@ class ObjectStore:
         d = s.dirty.get((0, index))
         if d is not None:
             return d
+        ptr = self._data_ptr(s, index)
+        if ptr == HOLE:
+            return None
+        return self._fetch(s.oid, s.stream, 0, index, ptr)
+
+    def _data_ptr(self, s: _Stream, index: int) -> bytes:
+        """`_ptr_of` a data block; an unreadable indirect block is reported as the data
+        block's problem (the read that meets it names the block it wanted)."""
         try:
-            ptr = self._ptr_of(s, 0, index)
+            return self._ptr_of(s, 0, index)
         except BlockIntegrityError as exc:
             raise BlockIntegrityError(
                 s.oid, s.stream, 0, index,
                 f"unreadable: indirect block (level {exc.level}, index {exc.index}): {exc.reason}",
             ) from None
-        if ptr == HOLE:
-            return None
-        return self._fetch(s.oid, s.stream, 0, index, ptr)
 
     def _block_for_write(self, s: _Stream, level: int, index: int) -> bytearray:
         """The dirty full-size copy of a block, creating it (and its ancestors') if needed."""
@@ -1653,6 +1670,50 @@ class ObjectStore:
             self._check_open()
             return self._read_from(self._stream(oid, stream), offset, size)
 
+    def read_into(self, oid: int, stream: int, offset: int, out: memoryview) -> int:
+        """`read` into `out` (at most len(out) bytes); the count. A whole block that is not
+        cached is decrypted straight into `out` and not cached: a FUSE read of 128 KiB
+        or more (the kernel's read-ahead) is a stream that the page cache keeps anyway, and
+        decrypting each block into fresh memory cost an allocation, a zeroing and a cold
+        copy per block, and pushed the metadata out of the block cache (a cold 256 MiB
+        read, in-process: 85 -> 64 µs per 128 KiB)."""
+        if offset < 0:
+            raise ValueError("negative offset")
+        with self._lock:
+            self._check_open()
+            s = self._stream(oid, stream)
+            end = min(offset + len(out), s.size)
+            if end <= offset:
+                return 0
+            bs = self._bs
+            self._read_ahead(s, offset // bs, (end - 1) // bs)
+            pos = offset
+            while pos < end:
+                index, skip = divmod(pos, bs)
+                take = min(bs - skip, end - pos)
+                self._block_into(s, index, skip, out[pos - offset : pos - offset + take])
+                pos += take
+            return end - offset
+
+    def _block_into(self, s: _Stream, index: int, skip: int, dst: memoryview) -> None:
+        """Bytes skip: skip+len(dst) of data block `index` into `dst`."""
+        blk: bytes | bytearray | memoryview | None = s.dirty.get((0, index))
+        if blk is None:
+            ptr = self._data_ptr(s, index)
+            if ptr == HOLE:
+                dst[:] = self._zero_view[: len(dst)]
+                return
+            blk = self._cache.get(ptr)
+            if blk is None and skip == 0 and len(dst) == self._bs:
+                stored = len(self._read_disk(s.oid, s.stream, 0, index, ptr, dst))
+                dst[stored:] = self._zero_view[: len(dst) - stored]
+                return
+            if blk is None:
+                blk = self._fetch(s.oid, s.stream, 0, index, ptr)
+        have = max(0, min(len(blk) - skip, len(dst)))
+        dst[:have] = memoryview(blk)[skip : skip + have]
+        dst[have:] = self._zero_view[: len(dst) - have]
+
     def read_parts(self, oid: int, stream: int, offset: int, size: int) -> list[bytes | memoryview]:
         """`read` as pieces, without joining them (a FUSE reply is written with writev):
         one copy less of each block read."""
@@ -2127,7 +2188,7 @@ class ObjectStore:
                         seen[first : first + units] = b"\x01" * units
                     if copy2 and node is None:
                         # Both copies are read: a bad one is repairable only if seen.
-                        bad = self._read_copy(s.oid, s.stream, level, index, ptr, copy2)
+                        bad = self._read_copy(s.oid, s.stream, level, index, ptr, copy2, None)
                         if isinstance(bad, str):
                             self._bad_copies[(s.oid, s.stream, level, index)] = f"copy 2: {bad}"
                     if node is None:

@@ -86,6 +86,18 @@ class Aead:
         except InvalidTag:
             raise AuthenticationFailed("authentication failed") from None
 
+    def open_into(
+        self, nonce: bytes, sealed: bytes | bytearray | memoryview, aad: bytes, out: bytearray | memoryview
+    ) -> None:
+        """Decrypt into `out`, exactly len(sealed) - 16 bytes. OpenSSL writes the plaintext
+        before it checks the tag, so on a failure `out` is zeroed before the error: no
+        unauthenticated byte stays behind for a caller to send on by mistake."""
+        try:
+            self._cipher().decrypt_into(nonce, sealed, aad, out)
+        except InvalidTag:
+            out[:] = bytes(len(out))
+            raise AuthenticationFailed("authentication failed") from None
+
     def open_into_secret(self, nonce: bytes, sealed: bytes, aad: bytes) -> Secret:
         plain = self.open(nonce, sealed, aad)
         try:

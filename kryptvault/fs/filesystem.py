@@ -84,6 +84,7 @@ class StoreLike(Protocol):
     def set_attrs(self, oid: int, attrs: bytes) -> None: ...
     def read(self, oid: int, stream: int, offset: int, size: int) -> bytes: ...
     def read_parts(self, oid: int, stream: int, offset: int, size: int) -> list[bytes | memoryview]: ...
+    def read_into(self, oid: int, stream: int, offset: int, out: memoryview) -> int: ...
     def write(
         self, oid: int, stream: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None: ...
@@ -1149,16 +1150,30 @@ class Filesystem:
     def read_parts(self, fh: int, offset: int, size: int) -> list[bytes | memoryview]:
         """`read` as pieces to be written out together (writev), not joined first."""
         with self._lock:
-            h = self._handles.get(fh)
-            if h is None:
-                raise FsError(errno.EBADF)
-            if offset < 0:
-                raise FsError(errno.EINVAL)
+            ino = self._readable(fh, offset)
             try:
-                return self.store.read_parts(h.ino, DATA, offset, size)
+                return self.store.read_parts(ino, DATA, offset, size)
             except IntegrityError as e:
-                log.error("object %d: data fails to authenticate: %s", h.ino, e)
+                log.error("object %d: data fails to authenticate: %s", ino, e)
                 raise FsError(errno.EIO, str(e)) from e
+
+    def read_into(self, fh: int, offset: int, out: memoryview) -> int:
+        """`read` into the caller's buffer (at most len(out) bytes); the count."""
+        with self._lock:
+            ino = self._readable(fh, offset)
+            try:
+                return self.store.read_into(ino, DATA, offset, out)
+            except IntegrityError as e:
+                log.error("object %d: data fails to authenticate: %s", ino, e)
+                raise FsError(errno.EIO, str(e)) from e
+
+    def _readable(self, fh: int, offset: int) -> int:
+        h = self._handles.get(fh)
+        if h is None:
+            raise FsError(errno.EBADF)
+        if offset < 0:
+            raise FsError(errno.EINVAL)
+        return h.ino
 
     def write(self, fh: int, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write `data` (not kept: the store copies it) at `offset`, or at the end of
