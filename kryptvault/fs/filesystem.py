@@ -20,7 +20,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from kryptvault.errors import IntegrityError
 from kryptvault.fs import acl as acls
@@ -32,6 +32,7 @@ from kryptvault.fs.inode import Inode
 from kryptvault.fs.sealing import SealableLock
 
 log = logging.getLogger("kryptvault.fs")
+_T = TypeVar("_T")
 
 ROOT_INO = 1
 DATA = 0
@@ -1149,31 +1150,25 @@ class Filesystem:
 
     def read_parts(self, fh: int, offset: int, size: int) -> list[bytes | memoryview]:
         """`read` as pieces to be written out together (writev), not joined first."""
-        with self._lock:
-            ino = self._readable(fh, offset)
-            try:
-                return self.store.read_parts(ino, DATA, offset, size)
-            except IntegrityError as e:
-                log.error("object %d: data fails to authenticate: %s", ino, e)
-                raise FsError(errno.EIO, str(e)) from e
+        return self._read_data(fh, offset, lambda ino: self.store.read_parts(ino, DATA, offset, size))
 
     def read_into(self, fh: int, offset: int, out: memoryview) -> int:
         """`read` into the caller's buffer (at most len(out) bytes); the count."""
-        with self._lock:
-            ino = self._readable(fh, offset)
-            try:
-                return self.store.read_into(ino, DATA, offset, out)
-            except IntegrityError as e:
-                log.error("object %d: data fails to authenticate: %s", ino, e)
-                raise FsError(errno.EIO, str(e)) from e
+        return self._read_data(fh, offset, lambda ino: self.store.read_into(ino, DATA, offset, out))
 
-    def _readable(self, fh: int, offset: int) -> int:
-        h = self._handles.get(fh)
-        if h is None:
-            raise FsError(errno.EBADF)
-        if offset < 0:
-            raise FsError(errno.EINVAL)
-        return h.ino
+    def _read_data(self, fh: int, offset: int, read: Callable[[int], _T]) -> _T:
+        """`read(inode of fh)` under the lock; data failing to authenticate is EIO."""
+        with self._lock:
+            h = self._handles.get(fh)
+            if h is None:
+                raise FsError(errno.EBADF)
+            if offset < 0:
+                raise FsError(errno.EINVAL)
+            try:
+                return read(h.ino)
+            except IntegrityError as e:
+                log.error("object %d: data fails to authenticate: %s", h.ino, e)
+                raise FsError(errno.EIO, str(e)) from e
 
     def write(self, fh: int, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write `data` (not kept: the store copies it) at `offset`, or at the end of
