@@ -74,9 +74,6 @@ class NullFilesystem:
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return self._zeros[: max(0, min(size, SIZE - offset))]
 
-    def read_parts(self, fh: int, offset: int, size: int) -> list[bytes | memoryview]:
-        return [self.read(fh, offset, size)]
-
     def read_into(self, fh: int, offset: int, out: memoryview) -> int:
         # The request loop's buffer starts zeroed and nothing here ever writes to it: the
         # reply carries zeros without a copy, the least a filesystem can do for a read.

@@ -110,9 +110,6 @@ class MemoryStore:
             buf[offset:end] = bytes(end - offset)
             self._dirty += 1
 
-    def read_parts(self, oid: int, stream: int, offset: int, size: int) -> list[bytes | memoryview]:
-        return [self.read(oid, stream, offset, size)]
-
     def read_into(self, oid: int, stream: int, offset: int, out: memoryview) -> int:
         data = self.read(oid, stream, offset, len(out))
         out[: len(data)] = data

@@ -854,8 +854,8 @@ class ObjectStore:
             return "block lies past the end of the container"
         sealed[length:] = tag
         aad = fmt.block_aad(self._uuid, oid, stream, level, index, length)
-        # Always fresh memory here, never a pooled buffer: a caller may still hold a view
-        # of a buffer that the cache evicted earlier in the same read.
+        # Always fresh memory here (or the caller's `into`), never a pooled buffer: a caller
+        # may still hold a view of a buffer that the cache evicted earlier in the same read.
         try:
             if into is not None:
                 self._data.open_into(nonce, sealed, aad, into[:length])
@@ -1703,20 +1703,18 @@ class ObjectStore:
             if ptr == HOLE:
                 dst[:] = self._zero_view[: len(dst)]
                 return
-            blk = self._cache.get(ptr)
-            if blk is None and skip == 0 and len(dst) == self._bs:
+            if skip == 0 and len(dst) == self._bs and ptr not in self._cache:
                 stored = len(self._read_disk(s.oid, s.stream, 0, index, ptr, dst))
                 dst[stored:] = self._zero_view[: len(dst) - stored]
                 return
-            if blk is None:
-                blk = self._fetch(s.oid, s.stream, 0, index, ptr)
+            blk = self._fetch(s.oid, s.stream, 0, index, ptr)
         have = max(0, min(len(blk) - skip, len(dst)))
         dst[:have] = memoryview(blk)[skip : skip + have]
         dst[have:] = self._zero_view[: len(dst) - have]
 
     def read_parts(self, oid: int, stream: int, offset: int, size: int) -> list[bytes | memoryview]:
-        """`read` as pieces, without joining them (a FUSE reply is written with writev):
-        one copy less of each block read."""
+        """`read` as pieces, without joining them, for a caller that writes them out with
+        writev: one copy less of each block read. (FUSE replies use `read_into`.)"""
         if offset < 0 or size < 0:
             raise ValueError("negative offset or size")
         with self._lock:

@@ -84,7 +84,6 @@ class StoreLike(Protocol):
     def get_attrs(self, oid: int) -> bytes: ...
     def set_attrs(self, oid: int, attrs: bytes) -> None: ...
     def read(self, oid: int, stream: int, offset: int, size: int) -> bytes: ...
-    def read_parts(self, oid: int, stream: int, offset: int, size: int) -> list[bytes | memoryview]: ...
     def read_into(self, oid: int, stream: int, offset: int, out: memoryview) -> int: ...
     def write(
         self, oid: int, stream: int, offset: int, data: bytes | bytearray | memoryview
@@ -1145,12 +1144,7 @@ class Filesystem:
             raise FsError(errno.EIO, str(e)) from e
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
-        parts = self.read_parts(fh, offset, size)
-        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
-
-    def read_parts(self, fh: int, offset: int, size: int) -> list[bytes | memoryview]:
-        """`read` as pieces to be written out together (writev), not joined first."""
-        return self._read_data(fh, offset, lambda ino: self.store.read_parts(ino, DATA, offset, size))
+        return self._read_data(fh, offset, lambda ino: self.store.read(ino, DATA, offset, size))
 
     def read_into(self, fh: int, offset: int, out: memoryview) -> int:
         """`read` into the caller's buffer (at most len(out) bytes); the count."""
