@@ -18,13 +18,15 @@ Targets: `vault` is a fresh container with the fixed test keys, served by a chil
 exactly as the tests do (tests/fs_fixtures.Mount -> kryptvault.fuseadapter.serve; the
 harness does not depend on which FUSE layer that is, and passes the vault only the
 options given here); `gocryptfs` a fresh `-init`, run with `-fg`; `plain` a directory on
-the disk of --dir; `nullfs` (alias `ceiling`) only the rows its one 64 MiB file serves.
+the disk of --dir; `nullfs` (alias `ceiling`) every row: its namespace (names,
+attributes, sizes) is real, its file contents are discarded and read back as zeros.
 
 Cold rows: `sync`, unmount (the daemon exits with its caches: the vault's block cache,
-gocryptfs's, nullfs's), `echo 3 > /proc/sys/vm/drop_caches` (the page cache of the mount
-and of the files under it, dentries, inodes), then mount again with a new daemon; for
-`plain`, `sync` + drop_caches. drop_caches needs root: without it cold rows only remount
-and the output says so.
+gocryptfs's), `echo 3 > /proc/sys/vm/drop_caches` (the page cache of the mount and of the
+files under it, dentries, inodes), then mount again with a new daemon; for `plain`, `sync`
++ drop_caches; for `nullfs` too (its namespace lives only in its daemon, which stays: the
+kernel forgets every name and page all the same, so each is asked for again). drop_caches
+needs root: without it cold rows only remount and the output says so.
 
 Workload per target: a 64 MiB file written in 1 MiB writes, then cold random 4 KiB
 preads of it and random 4 KiB pwrites + one fsync; a sequential file (1 MiB writes +
@@ -139,7 +141,6 @@ class Target:
     mount and unmount it, `cold` empties every cache between it and the disk."""
 
     name = ""
-    fixed_file = False  # nullfs: one 64 MiB file, nothing can be created
 
     def __init__(self, work: Path) -> None:
         self.work = work
@@ -276,7 +277,6 @@ class NullfsTarget(Target):
     """bench/nullfs.py: the FUSE round trips alone, on the vault's own FUSE layer."""
 
     name = "nullfs"
-    fixed_file = True
 
     def __init__(self, work: Path) -> None:
         super().__init__(work)
@@ -295,6 +295,12 @@ class NullfsTarget(Target):
         unmount(self.mp, self.proc)
         self.proc = None
 
+    def cold(self) -> None:
+        # The namespace lives only in this daemon, so it stays; the kernel drops every
+        # name, attribute and page it holds from this mount all the same, and asks again.
+        os.sync()
+        drop_caches()
+
 
 class Workload:
     def __init__(self, seq_mib: int, rand_ops: int, small: int, tarball: Path, tar_entries: int) -> None:
@@ -306,12 +312,7 @@ class Workload:
 
     def parts(self, t: Target) -> list[Callable[[Target, dict[str, float]], None]]:
         """The workload's parts for `t`, in order; each fills some rows of its results."""
-        parts: list[Callable[[Target, dict[str, float]], None]] = [
-            self.round_trips, self.random_io, self.sequential
-        ]
-        if not t.fixed_file:
-            parts += [self.small_files, self.tar]
-        return parts
+        return [self.round_trips, self.random_io, self.sequential, self.small_files, self.tar]
 
     def round_trips(self, t: Target, r: dict[str, float]) -> None:
         """Look-ups of names that do not exist (each a new name, so the kernel asks the
@@ -334,9 +335,8 @@ class Workload:
         pages = RAND_FILE // 4096
         reads = [rng.randrange(pages) * 4096 for _ in range(self.rand_ops)]
         writes = [rng.randrange(pages) * 4096 for _ in range(self.rand_ops)]
-        name = "data.bin" if t.fixed_file else "rand.bin"
-        if not t.fixed_file:
-            write_file(t.mp / name, RAND_FILE // MiB, os.urandom(MiB), create=True)
+        name = "rand.bin"
+        write_file(t.mp / name, RAND_FILE // MiB, os.urandom(MiB))
         t.cold()
         fd = os.open(t.mp / name, os.O_RDONLY)
         start = time.perf_counter()
@@ -352,15 +352,14 @@ class Workload:
         os.fsync(fd)
         r["rand 4K write ops/s"] = self.rand_ops / (time.perf_counter() - start)
         os.close(fd)
-        if not t.fixed_file:
-            os.unlink(t.mp / name)
+        os.unlink(t.mp / name)
 
     def sequential(self, t: Target, r: dict[str, float]) -> None:
-        mib = min(self.seq_mib, RAND_FILE // MiB) if t.fixed_file else self.seq_mib
-        path = t.mp / ("data.bin" if t.fixed_file else "seq.bin")
+        mib = self.seq_mib
+        path = t.mp / "seq.bin"
         block = os.urandom(MiB)
         mb = mib * MiB / 1e6
-        r["seq write MB/s"] = mb / timed(lambda: write_file(path, mib, block, create=not t.fixed_file))
+        r["seq write MB/s"] = mb / timed(lambda: write_file(path, mib, block))
         t.cold()
 
         def read() -> None:
@@ -371,8 +370,7 @@ class Workload:
 
         r["cold seq read MB/s"] = mb / timed(read)
         r["warm re-read MB/s"] = mb / timed(read)
-        if not t.fixed_file:
-            os.unlink(path)
+        os.unlink(path)
 
     def small_files(self, t: Target, r: dict[str, float]) -> None:
         sd = t.mp / "small"
@@ -424,9 +422,8 @@ class Workload:
         )
 
 
-def write_file(path: Path, mib: int, block: bytes, *, create: bool) -> None:
-    flags = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if create else 0)
-    fd = os.open(path, flags, 0o644)
+def write_file(path: Path, mib: int, block: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for _ in range(mib):
             os.write(fd, block)
@@ -645,7 +642,7 @@ def main() -> int:
             if n not in failed
         }
         print(
-            f"\nmedians of {args.repeat}; seq {seq_mib} MiB (nullfs {min(seq_mib, 64)} MiB), "
+            f"\nmedians of {args.repeat}; seq {seq_mib} MiB, "
             f"{rand_ops} random 4 KiB ops on a 64 MiB file, {small} small files, "
             f"tar -x of {entries} entries; vault options {opts or '(layer defaults)'}"
         )
