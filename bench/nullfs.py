@@ -20,7 +20,6 @@ import itertools
 import os
 import stat
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, cast
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kryptvault.fs import Filesystem, FsError
-from kryptvault.fs.filesystem import UTIME_NOW, UTIME_OMIT, Stat, StatFs
+from kryptvault.fs.filesystem import UTIME_NOW, UTIME_OMIT, Stat, StatFs, file_time_ns
 from kryptvault.fuseadapter.server import FuseServer, mount_options
 
 ROOT_INO = 1
@@ -46,7 +45,9 @@ class Node:
     size: int = 0
     nlink: int = 1
     rdev: int = 0
-    times: list[int] = field(default_factory=lambda: [time.time_ns()] * 4)  # a, m, c, birth
+    # a, m, c, birth; from the clock the kernel stamps files with (as the vault's): a file
+    # created and written within one tick then has no times to write back at close.
+    times: list[int] = field(default_factory=lambda: [file_time_ns()] * 4)
     parent: int = ROOT_INO
     opens: int = 0  # open handles: an unlinked file lives on until the last is released
     entries: dict[bytes, tuple[int, int]] | None = None  # directories: name -> (ino, cookie)
@@ -105,7 +106,7 @@ class NullFilesystem:
 
     @staticmethod
     def _touch(node: Node, ctime_only: bool = False) -> None:
-        now = time.time_ns()
+        now = file_time_ns()
         node.times[2] = now
         if not ctime_only:
             node.times[1] = now
@@ -284,7 +285,7 @@ class NullFilesystem:
 
     def utimens(self, ino: int, atime_ns: int = UTIME_NOW, mtime_ns: int = UTIME_NOW) -> Stat:
         node = self._node(ino)
-        now = time.time_ns()
+        now = file_time_ns()
         for i, value in ((0, atime_ns), (1, mtime_ns)):
             if value != UTIME_OMIT:
                 node.times[i] = now if value == UTIME_NOW else value
