@@ -396,7 +396,7 @@ class _Writer:
             try:
                 if self._error is None:
                     store._pwrite(bufs, offset)
-                    if _SYNC_FILE_RANGE is not None and not os.environ.get("KV_NOSFR"):
+                    if _SYNC_FILE_RANGE is not None:
                         _SYNC_FILE_RANGE(store._fd, offset, sum(len(b) for b in bufs),
                                          _SYNC_FILE_RANGE_WRITE)
             except BaseException as exc:  # reported by wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -51,6 +52,9 @@ def serve(
     back first, so what was accepted is still saved (see FuseServer.drain). Timeouts are
     long because every change reaches the vault through this one kernel mount.
 
+    Once the kernel has initialised the mount, every object made so far is taken out of
+    the cyclic garbage collector's sight (`freeze_startup_objects`).
+
     `handle_signals=False` leaves SIGINT/SIGTERM/SIGHUP to the caller (the mount session
     turns them into a lock). `threads` request loops read the connection (True = 2); with the GIL and one
     filesystem lock a second loop mostly helps when one request waits on the kernel.
@@ -60,6 +64,12 @@ def serve(
     if debug:
         logging.getLogger("kryptvault.fuse").setLevel(logging.DEBUG)
     loops = 2 if threads is True else max(1, int(threads))
+
+    def ready() -> None:
+        freeze_startup_objects()
+        if on_ready is not None:
+            on_ready()
+
     server = FuseServer(
         filesystem,
         mountpoint,
@@ -70,7 +80,7 @@ def serve(
         negative_timeout=negative_timeout,
         commit_delay=commit_delay,
         threads=loops,
-        on_ready=on_ready,
+        on_ready=ready,
     )
     if on_operations is not None:
         on_operations(server)
@@ -87,3 +97,14 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def freeze_startup_objects() -> None:
+    """Move every object made so far into the collector's permanent generation. They are
+    the process's modules and the mount's own state, which live as long as the daemon,
+    and a full collection walks every tracked object while the request loop waits: with
+    the ~49,000 objects of a running vault one pass took 17 ms here (more under TCG), once
+    every few thousand small files created, in the middle of someone's request or of a
+    lock. Reference counting still frees them when they go; only a reference cycle among
+    them would stay, and none is made at start-up on purpose."""
+    gc.freeze()
