@@ -167,6 +167,53 @@ def test_a_closed_files_data_is_sealed_when_idle_and_an_open_one_waits(tmp_path:
     close_store(store)
 
 
+def test_closed_files_of_every_shape_are_sealed_whole_and_read_back_exactly(tmp_path: Path) -> None:
+    """The idle seal of a closed file looks for its blocks' stored end from the file's
+    size on (no write is under way then): sizes around unit and block boundaries, a hole
+    before the data, a tail zeroed by a truncation and a sparse tail must all come back
+    byte for byte after a commit and a reopen, each block stored in exactly the units up
+    to its last non-zero byte."""
+    store = new_store(tmp_path / "c")
+    fs = Filesystem.mkfs(store, 0, 0)
+    store.commit()
+    unit, block = store.statfs().unit_size, 65536
+    rng = random.Random(11)
+    want: dict[bytes, bytes] = {}
+    shapes = [1, unit - 1, unit, unit + 1, block - 1, block, block + 1, 3 * block + 5]
+    for size in shapes:
+        want[b"plain%d" % size] = rng.randbytes(size)
+    want[b"hole"] = bytes(block + 100) + rng.randbytes(3000)  # data after a hole
+    cut = rng.randbytes(2 * block)
+    want[b"cut"] = cut[: block + 700]  # truncated down: the tail left behind is zeroed
+    want[b"sparse"] = cut[:900] + bytes(block)  # extended by truncate: zeros past the data
+    for name, data in want.items():
+        free = store.statfs().free_units
+        _st, fh = fs.create(ROOT_INO, name, 0o644, os.O_RDWR, 0, 0)
+        if name == b"hole":
+            fs.write(fh, block + 100, data[block + 100 :])
+        elif name == b"cut":
+            fs.write(fh, 0, cut)
+            fs.truncate(_st.ino, len(data))
+        elif name == b"sparse":
+            fs.write(fh, 0, data[:900])
+            fs.truncate(_st.ino, len(data))
+        else:
+            fs.write(fh, 0, data)
+        fs.release(fh)
+        while fs.idle_work():
+            pass
+        if len(data) <= block:  # one data block, no pointer block: its units are all
+            assert free - store.statfs().free_units == _units_by_definition(data, unit), name
+    fs.commit()
+    close_store(store)
+    store = open_store(tmp_path / "c")
+    fs = Filesystem(store)
+    for name, data in want.items():
+        ino = fs.lookup(ROOT_INO, name)
+        assert store.read(ino, 0, 0, len(data) + block) == data, name
+    close_store(store)
+
+
 def test_without_idle_moments_closed_files_wait_in_a_bounded_backlog(tmp_path: Path) -> None:
     store = new_store(tmp_path / "c")
     fs = Filesystem.mkfs(store, 0, 0)

@@ -1278,11 +1278,18 @@ class ObjectStore:
 
     # ------------------------------------------------------------------ flushing
     def _seal(
-        self, s: _Stream, level: int, index: int, buf: bytearray | memoryview, w: _Writer
+        self,
+        s: _Stream,
+        level: int,
+        index: int,
+        buf: bytearray | memoryview,
+        w: _Writer,
+        end: int | None = None,
     ) -> bytes:
-        """Encrypt one dirty block into fresh units (queued on `w`); return its pointer."""
+        """Encrypt one dirty block into fresh units (queued on `w`); return its pointer.
+        `end`: every byte of `buf` from there on is zero (see fmt.stored_units)."""
         us = self._us
-        units = fmt.stored_units(buf, us)
+        units = fmt.stored_units(buf, us, end)
         if units == 0:
             return HOLE
         if self._enc_count >= NONCE_BUDGET:
@@ -1405,16 +1412,22 @@ class ObjectStore:
         if flags:
             self._units.free(unit + _ditto(flags) * self._upc, units)
 
-    def _flush_stream(self, s: _Stream) -> None:
+    def _flush_stream(self, s: _Stream, *, sized: bool = False) -> None:
+        """Seal the stream's dirty blocks. `sized`: no write is under way, so the stream's
+        size covers every byte written and its data blocks are zero past it (a truncation
+        zeroes the tail, a write extends the size): their stored end is searched from
+        there, not back from the end of 64 KiB of zeros. A flush in the middle of a write
+        (the dirty limit) must not: the size grows only once the write is done."""
         if s.dirty:
             f, bs = self._fanout, self._bs
             w = self._aw
             for key in sorted(s.dirty):
                 level, index = key
                 buf = s.dirty[key]
+                end = s.size - index * bs if sized and level == 0 else None
                 # Sealed first: if no unit can be had, the block stays dirty and the
                 # store consistent, so a later flush (once there is space) can finish.
-                new = self._seal(s, level, index, buf, w)
+                new = self._seal(s, level, index, buf, w, end)
                 del s.dirty[key]
                 self._dirty_bytes -= bs
                 if level == s.depth:
@@ -1855,7 +1868,8 @@ class ObjectStore:
             if self._enc_count + need > NONCE_BUDGET:
                 return
             try:
-                self._flush_stream(s)
+                # A closed file's stream, under the store lock: no write is under way.
+                self._flush_stream(s, sized=True)
             except NoSpace:
                 return
             except BaseException as exc:
