@@ -310,8 +310,8 @@ class Workload:
         self.tarball = tarball
         self.tar_entries = tar_entries
 
-    def parts(self, t: Target) -> list[Callable[[Target, dict[str, float]], None]]:
-        """The workload's parts for `t`, in order; each fills some rows of its results."""
+    def parts(self) -> list[Callable[[Target, dict[str, float]], None]]:
+        """The workload's parts, in order; each fills some rows of its results."""
         return [self.round_trips, self.random_io, self.sequential, self.small_files, self.tar]
 
     def round_trips(self, t: Target, r: dict[str, float]) -> None:
@@ -605,21 +605,19 @@ def main() -> int:
                     t.start()
                 except Exception as e:
                     give_up(n, "mount", e)
-            longest = max(len(workload.parts(targets[n])) for n in order)
-            for part in range(longest):
+            for part in workload.parts():
                 for n in order:
                     t = targets[n]
-                    parts = workload.parts(t)
-                    if n in failed or part >= len(parts):
+                    if n in failed:
                         continue
                     try:
                         for other in order:
                             if other not in failed:
                                 targets[other].settle()
                         os.sync()  # no target pays for another's writeback
-                        parts[part](t, res[n])
+                        part(t, res[n])
                     except Exception as e:
-                        give_up(n, parts[part].__name__, e)
+                        give_up(n, part.__name__, e)
             for n in order:
                 if n in failed:
                     continue
@@ -647,7 +645,7 @@ def main() -> int:
             f"tar -x of {entries} entries; vault options {opts or '(layer defaults)'}"
         )
         if cold_ok:
-            print("cold = sync, unmount (daemon exits), drop_caches 3, mount; plain: sync + drop_caches")
+            print("cold = sync, unmount (daemon exits), drop_caches 3, mount; plain, nullfs: sync + drop")
         else:
             print("not root: drop_caches failed, so 'cold' rows only remount (page cache kept)")
         print("\n".join(report(med, names, args.markdown)))

@@ -1057,17 +1057,11 @@ class ObjectStore:
             self._free_ptr(old)
 
     def _read_from(self, s: _Stream, offset: int, size: int) -> bytes:
-        parts = self._read_parts(s, offset, size)
-        if len(parts) == 1:
-            return bytes(parts[0])
-        return b"".join(parts)
-
-    def _read_parts(self, s: _Stream, offset: int, size: int) -> list[bytes | memoryview]:
-        """The bytes at [offset, offset+size) as pieces that stay valid after the lock is
-        let go: views of immutable blocks (decrypted from disk, or zeros), copies of
-        mutable ones (dirty or recycled buffers)."""
+        """The bytes at [offset, offset+size), short at the end of the stream. Called under
+        the lock, which keeps every block viewed here (cached, dirty or just decrypted)
+        unchanged until the pieces are joined."""
         if offset >= s.size or size <= 0:
-            return [b""]
+            return b""
         end = min(offset + size, s.size)
         bs = self._bs
         self._read_ahead(s, offset // bs, (end - 1) // bs)
@@ -1082,12 +1076,11 @@ class ObjectStore:
             else:
                 have = len(blk) - boff
                 if have > 0:
-                    piece = memoryview(blk)[boff : boff + min(have, take)]
-                    parts.append(piece if type(blk) is bytes else bytes(piece))
+                    parts.append(memoryview(blk)[boff : boff + min(have, take)])
                 if have < take:
                     parts.append(self._zero_view[: take - max(have, 0)])
             pos += take
-        return parts
+        return b"".join(parts)
 
     def _read_ahead(self, s: _Stream, first: int, last: int) -> None:
         """A read of blocks [first, last] that continues the previous one asks the kernel
@@ -1724,15 +1717,6 @@ class ObjectStore:
         have = max(0, min(len(blk) - skip, len(dst)))
         dst[:have] = memoryview(blk)[skip : skip + have]
         dst[have:] = self._zero_view[: len(dst) - have]
-
-    def read_parts(self, oid: int, stream: int, offset: int, size: int) -> list[bytes | memoryview]:
-        """`read` as pieces, without joining them, for a caller that writes them out with
-        writev: one copy less of each block read. (FUSE replies use `read_into`.)"""
-        if offset < 0 or size < 0:
-            raise ValueError("negative offset or size")
-        with self._lock:
-            self._check_open()
-            return self._read_parts(self._stream(oid, stream), offset, size)
 
     def write(self, oid: int, stream: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write `data` at `offset`, extending the stream (a gap reads as zeros)."""
