@@ -33,11 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import GocryptfsTarget, NullfsTarget, Target, VaultTarget
 
-# include/uapi/linux/fuse.h, enum fuse_opcode: the ones a create-write-close can cause.
+from kryptvault.fuseadapter import wire
+
+# The requests a create-write-close can cause, named as in kryptvault's protocol table.
 OPCODES = {
-    1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 4: "SETATTR", 14: "OPEN", 15: "READ", 16: "WRITE",
-    18: "RELEASE", 20: "FSYNC", 22: "GETXATTR", 25: "FLUSH", 35: "CREATE", 39: "IOCTL",
-    42: "BATCH_FORGET", 43: "FALLOCATE",
+    getattr(wire, name): name
+    for name in ("LOOKUP", "FORGET", "GETATTR", "SETATTR", "OPEN", "READ", "WRITE", "RELEASE", "FSYNC",
+                 "GETXATTR", "FLUSH", "CREATE", "IOCTL", "BATCH_FORGET", "FALLOCATE")
 }  # fmt: skip
 # strace -f -xx: "PID read(FD, "\x..", N) = M", or split in two lines when threads
 # interleave: "PID read(FD, <unfinished ...>" ... "PID <... read resumed>"\x..", N) = M".
@@ -48,15 +50,14 @@ _HEADER = 8  # len u32, opcode u32: the start of struct fuse_in_header
 
 
 def fuse_fds(pid: int) -> set[int]:
-    """The daemon's descriptors of /dev/fuse (go-fuse and our layer each hold one)."""
+    """The daemon's descriptors of /dev/fuse (its threads share one descriptor table)."""
     found = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for fd in (task / "fd").iterdir():
-            try:
-                if os.readlink(fd) == "/dev/fuse":
-                    found.add(int(fd.name))
-            except OSError:
-                continue
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == "/dev/fuse":
+                found.add(int(fd.name))
+        except OSError:
+            continue
     return found
 
 

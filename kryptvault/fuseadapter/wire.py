@@ -45,6 +45,7 @@ ACCESS = 34
 CREATE = 35
 INTERRUPT = 36
 DESTROY = 38
+IOCTL = 39  # never served: the default ENOSYS answer (the kernel reports ENOTTY)
 BATCH_FORGET = 42
 FALLOCATE = 43
 READDIRPLUS = 44
