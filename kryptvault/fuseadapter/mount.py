@@ -32,6 +32,7 @@ def serve(
     on_ready: Callable[[], None] | None = None,
     on_operations: Callable[[FuseServer], None] | None = None,
     threads: bool | int = 1,
+    spin: bool = True,
     debug: bool = False,
     handle_signals: bool = True,
 ) -> None:
@@ -58,6 +59,8 @@ def serve(
     `handle_signals=False` leaves SIGINT/SIGTERM/SIGHUP to the caller (the mount session
     turns them into a lock). `threads` request loops read the connection (True = 2); with the GIL and one
     filesystem lock a second loop mostly helps when one request waits on the kernel.
+    `spin` (the default) keeps a second CPU awake at idle priority while requests flow, so
+    that answers wake their callers fast (fuseadapter/spinner.py: its gains and its cost).
     """
     if not foreground:
         raise ValueError("serve() runs in the foreground; start it in a child process")
@@ -80,6 +83,7 @@ def serve(
         negative_timeout=negative_timeout,
         commit_delay=commit_delay,
         threads=loops,
+        spin=spin,
         on_ready=ready,
     )
     if on_operations is not None:

@@ -52,8 +52,8 @@ class PageCacheFeed:
         # but still on their way to the vault), which a store would overwrite.
         self._changed: set[int] = set()
         self._count_lock = threading.Lock()
-        self._stores: queue.Queue[tuple[int, int, int, int, bytes, int, int] | None] = (
-            queue.Queue(STORE_QUEUE)
+        self._stores: queue.Queue[tuple[int, int, int, int, bytes, int, int] | None] = queue.Queue(
+            STORE_QUEUE
         )
         self._stale: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
 

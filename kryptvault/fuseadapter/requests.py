@@ -35,6 +35,7 @@ READ_BUFFER = 128 * 1024  # what the kernel asks for at a time in a sequential r
 
 Handler = Callable[[int, int, int, int, memoryview], Any]
 
+
 def _split_seconds(seconds: float) -> tuple[int, int]:
     whole = int(seconds)
     return whole, int((seconds - whole) * 1e9)
@@ -141,7 +142,6 @@ class Requests:
             w.CREATE: self._create,
             w.FALLOCATE: self._fallocate,
         }
-
 
     def _notify(self, code: int, parts: list[bytes | memoryview]) -> int:
         """Send a notification to the kernel; 0 or the errno it answered (server.py)."""

@@ -15,7 +15,9 @@ kernel inode per vault inode (node id = inode number, generation bumped when a n
 freed). `fusermount3` still makes the mount, so ordinary users can mount (channel.py).
 
 Requests are served by `threads` loops reading the same descriptor; each request runs to
-completion under the filesystem's one lock. Notifications (cache invalidation, the lock's
+completion under the filesystem's one lock. While requests flow, an idle-priority thread
+keeps a second CPU from halting, so that answers wake their callers without waiting for a
+halted CPU (spinner.py, with the figures). Notifications (cache invalidation, the lock's
 write-back of dirty pages) are written from other threads, never from a loop that the
 kernel may be waiting on.
 """
@@ -35,6 +37,7 @@ from kryptvault.fs import CommitScheduler, Filesystem
 from kryptvault.fuseadapter import channel
 from kryptvault.fuseadapter import wire as w
 from kryptvault.fuseadapter.requests import Requests
+from kryptvault.fuseadapter.spinner import BULK_REQUEST, CpuSpinner
 
 log = logging.getLogger("kryptvault.fuse")
 
@@ -52,6 +55,7 @@ SPIN_SECONDS = 0.0005
 _DRAIN_ALLOWED = frozenset(
     {w.WRITE, w.READ, w.RELEASE, w.RELEASEDIR, w.FORGET, w.BATCH_FORGET, w.INTERRUPT, w.FLUSH}
 )
+_BULK_OPCODES = frozenset({w.READ, w.WRITE})  # fuse_read_in and fuse_write_in: size at 16
 _TIMES_ONLY = (
     w.FATTR_ATIME | w.FATTR_MTIME | w.FATTR_ATIME_NOW | w.FATTR_MTIME_NOW | w.FATTR_CTIME
     | w.FATTR_FH | w.FATTR_LOCKOWNER
@@ -74,6 +78,7 @@ class FuseServer(Requests):
         commit_delay: float | None = 5.0,
         threads: int = 1,
         store_blocks: bool = True,
+        spin: bool = True,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(
@@ -89,6 +94,8 @@ class FuseServer(Requests):
         self.commit_delay = commit_delay
         self.threads = max(1, threads)
         self.on_ready = on_ready
+        self.spin = spin
+        self.spinner: CpuSpinner | None = None
         self.scheduler: CommitScheduler | None = None
         self.negotiated = 0
         self.kernel_minor = 0
@@ -101,17 +108,21 @@ class FuseServer(Requests):
         self._fd = channel.mount(self.mountpoint, self.options)
         os.set_blocking(self._fd, False)  # see _read_request
         workers = [
-            threading.Thread(target=self._loop, name=f"kryptvault-fuse-{i}", daemon=True)
+            threading.Thread(target=self._loop, args=(False,), name=f"kryptvault-fuse-{i}", daemon=True)
             for i in range(1, self.threads)
         ]
         workers += self.feed.threads()
         try:
+            if self.spin:
+                self.spinner = CpuSpinner.for_this_machine()
             for t in workers:
                 t.start()
-            self._loop()
+            self._loop(True)
         finally:
             self._stopping = True
             self.feed.stop()
+            if self.spinner is not None:
+                self.spinner.close()
             self._finish()
 
     def stop(self) -> None:
@@ -132,16 +143,19 @@ class FuseServer(Requests):
             self.scheduler = None
         self.fs.close()
 
-    def _loop(self) -> None:
+    def _loop(self, lead: bool) -> None:
+        """Serve requests until unmounted. The `lead` loop alone drives the spinner."""
         buf = bytearray(BUFFER_SIZE)
         view = memoryview(buf)
         unpack = w.IN_HEADER.unpack_from
         handlers = self.handlers
         waiter = select.poll()
         waiter.register(self._fd, select.POLLIN)
+        spinner = self.spinner if lead else None
+        bulk_size = w.READ_IN.unpack_from
         while True:
             try:
-                n = self._read_request(buf, waiter)
+                n = self._read_request(buf, waiter, spinner)
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.ENOENT):
                     continue
@@ -154,6 +168,8 @@ class FuseServer(Requests):
                 return
             _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = unpack(buf)
             body = view[40:n]
+            if spinner is not None and opcode in _BULK_OPCODES and bulk_size(body)[2] >= BULK_REQUEST:
+                spinner.rest()  # a bulk transfer keeps the loop busy: few wake-ups to save
             handler = handlers.get(opcode)
             if handler is None:
                 self._special(opcode, unique, nodeid, body)
@@ -175,9 +191,10 @@ class FuseServer(Requests):
                 body.release()
             self._reply(unique, out)
 
-    def _read_request(self, buf: bytearray, waiter: select.poll) -> int:
+    def _read_request(self, buf: bytearray, waiter: select.poll, spinner: CpuSpinner | None) -> int:
         """The next request into `buf` (its length). The descriptor is non-blocking:
-        with nothing queued, ask again for SPIN_SECONDS before sleeping in poll()."""
+        with nothing queued, ask again for SPIN_SECONDS before sleeping in poll(). A
+        burst of requests ends with that sleep, and so does the spinner's work."""
         readv = os.readv
         ready = waiter.poll
         clock = time.perf_counter
@@ -204,7 +221,13 @@ class FuseServer(Requests):
                 if not self._draining:
                     while idle_work():
                         pass
-                ready()
+                if spinner is None:
+                    ready()
+                else:
+                    spinner.rest()
+                    ready()
+                    if not self._draining:
+                        spinner.burst()
 
     def _drain_setattr_ok(self, opcode: int, body: memoryview) -> bool:
         # The kernel's write-back of file times (after the pages) is part of the data.
@@ -362,9 +385,7 @@ class FuseServer(Requests):
         return self._invalidate(self.open_inodes())
 
 
-def mount_options(
-    fsname: str, *, allow_other: bool, extra: dict[str, str | int | bool] | None
-) -> list[str]:
+def mount_options(fsname: str, *, allow_other: bool, extra: dict[str, str | int | bool] | None) -> list[str]:
     options = [
         f"fsname=kryptvault:{fsname}",
         "subtype=kryptvault",

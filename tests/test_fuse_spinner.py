@@ -1,0 +1,144 @@
+"""The spinner (kryptvault/fuseadapter/spinner.py) keeps a second CPU awake at idle
+priority while requests flow, rests during bulk transfers, and costs no CPU when the mount
+is idle."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fs_fixtures import Mount, mkfs_container
+
+from kryptvault.fuseadapter.spinner import CpuSpinner
+
+pytestmark = pytest.mark.fuse
+
+TWO_CPUS = len(os.sched_getaffinity(0)) >= 2
+needs_two_cpus = pytest.mark.skipif(not TWO_CPUS, reason="the spinner runs only with two CPUs or more")
+MIB = 1 << 20
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_ns(pid: int) -> int:
+    """CPU time of every thread of `pid` (its CPUCLOCK_SCHED process clock)."""
+    return time.clock_gettime_ns(((~pid) << 3) | 2)
+
+
+def thread_cpu_s(pid: int, tid: int) -> float:
+    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def idle_priority_threads(pid: int) -> list[int]:
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE:
+                found.append(int(tid))
+        except OSError:  # the thread ended meanwhile
+            pass
+    return found
+
+
+@needs_two_cpus
+def test_spinner_spins_at_idle_priority_from_burst_to_rest() -> None:
+    spinner = CpuSpinner.for_this_machine()
+    assert spinner is not None
+    try:
+        assert spinner.wait_ready(5.0)
+        tid = spinner.thread.native_id
+        assert tid is not None and os.sched_getscheduler(tid) == os.SCHED_IDLE
+        clock = time.pthread_getcpuclockid(spinner.thread.ident or 0)
+
+        def spent(seconds: float) -> float:
+            before = time.clock_gettime(clock)
+            time.sleep(seconds)
+            return time.clock_gettime(clock) - before
+
+        assert spent(0.2) < 0.02  # waiting for a burst, not spinning
+        spinner.burst()
+        assert spent(0.3) > 0.1  # a CPU is free (this thread sleeps): the spinner has it
+        spinner.rest()
+        time.sleep(0.05)
+        assert spent(0.3) < 0.02
+        spinner.burst()
+        assert spent(0.2) > 0.05  # a second burst spins again
+    finally:
+        spinner.close()
+    spinner.thread.join(5.0)
+    assert not spinner.thread.is_alive()
+
+
+def test_no_spinner_on_one_cpu() -> None:
+    code = (
+        "import os\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from kryptvault.fuseadapter.spinner import CpuSpinner\n"
+        "print(CpuSpinner.for_this_machine())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[Mount]:
+    container = tmp_path / "v.kv"
+    mkfs_container(container)
+    mount = Mount(container, tmp_path / "mnt", tmp_path / "log")
+    mount.start()
+    try:
+        yield mount
+    finally:
+        assert mount.stop() == 0
+
+
+@needs_two_cpus
+def test_vault_daemon_spins_during_a_burst_of_lookups_and_not_once_idle(mounted: Mount) -> None:
+    pid = mounted.pid
+    names = [str(mounted.mountpoint / f"absent{i}") for i in range(5000)]
+    for name in names:  # look-ups of absent names: one round trip each, back to back
+        assert not os.path.lexists(name)
+    spinners = idle_priority_threads(pid)
+    assert len(spinners) == 1
+    assert thread_cpu_s(pid, spinners[0]) > 0  # it filled some of the caller's waits
+    time.sleep(0.3)  # the burst is over (0.5 ms without a request)
+    before = process_cpu_ns(pid)
+    time.sleep(0.5)
+    assert process_cpu_ns(pid) - before < 25_000_000  # < 5 % of a CPU: no thread spins
+
+
+@needs_two_cpus
+def test_spinner_rests_while_a_file_is_read_sequentially(tmp_path: Path) -> None:
+    container = tmp_path / "v.kv"
+    mkfs_container(container)
+    mount = Mount(container, tmp_path / "mnt", tmp_path / "log")
+    mount.start()
+    data = os.urandom(MIB)
+    with open(mount.mountpoint / "big", "wb") as f:
+        for _ in range(192):
+            f.write(data)
+    assert mount.stop() == 0
+    mount.start()  # nothing cached: every 128 KiB is a READ
+    try:
+        pid = mount.pid
+        fd = os.open(mount.mountpoint / "big", os.O_RDONLY)
+        try:
+            (spinner,) = idle_priority_threads(pid)
+            spun_before = thread_cpu_s(pid, spinner)
+            start = time.monotonic()
+            while os.read(fd, MIB):
+                pass
+            elapsed = time.monotonic() - start
+            spun = thread_cpu_s(pid, spinner) - spun_before
+        finally:
+            os.close(fd)
+        # Spinning through it would fill most of the reader's waits (~80 % of the time).
+        assert spun <= 0.25 * elapsed + 0.02, (spun, elapsed)
+    finally:
+        assert mount.stop() == 0
