@@ -221,13 +221,11 @@ class FuseServer(Requests):
                 if not self._draining:
                     while idle_work():
                         pass
-                if spinner is None:
-                    ready()
-                else:
+                if spinner is not None:
                     spinner.rest()
-                    ready()
-                    if not self._draining:
-                        spinner.burst()
+                ready()
+                if spinner is not None and not self._draining:
+                    spinner.burst()
 
     def _drain_setattr_ok(self, opcode: int, body: memoryview) -> bool:
         # The kernel's write-back of file times (after the pages) is part of the data.
