@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import VaultFixture, assert_clean_error, make_vault, run_process
+from cli_helpers import VaultFixture, assert_clean_error, make_vault, run_process, run_process_in
 
 from kryptvault.session import fusectl
 
@@ -90,6 +92,44 @@ def test_status_lists_a_dead_mount_until_lock_removes_it(vault: VaultFixture) ->
     assert "no vault is mounted" not in human
     assert run_process("lock", mnt).returncode == 0
     assert not [s for s in _status() if s["mountpoint"] == str(mnt)]
+
+
+def test_status_lists_only_the_dead_mounts_this_session_left(vault: VaultFixture) -> None:
+    # Another session of the same user (its own XDG_RUNTIME_DIR) leaves a dead mount, as a
+    # CI machine's earlier job did: this session's status and `_daemon_gone` waits must not
+    # see it, while the session that left it still does.
+    other_runtime = Path(tempfile.mkdtemp(prefix="kvo", dir="/tmp"))
+    other = dict(os.environ, XDG_RUNTIME_DIR=str(other_runtime))
+    theirs, mine = vault.dir / "mnt-theirs", vault.dir / "mnt-mine"
+    theirs.mkdir()
+    mine.mkdir()
+    try:
+        assert run_process_in(other, "mount", vault.container, theirs, *vault.pw()).returncode == 0
+        (entry,) = json.loads(run_process_in(other, "status", "--json").stdout)
+        os.kill(int(entry["pid"]), signal.SIGKILL)
+        _wait_dead(theirs)
+        assert _status() == []
+        assert "no vault is mounted" in run_process("status").stdout
+        (listed,) = json.loads(run_process_in(other, "status", "--json").stdout)
+        assert listed["dead"] is True and listed["mountpoint"] == str(theirs)
+        # This session's own dead mount is still reported beside the other's.
+        (vault.dir / "second").mkdir()
+        second = make_vault(vault.dir / "second")
+        assert run_process("mount", second.container, mine, *second.pw()).returncode == 0
+        _kill_daemon(mine)
+        _wait_dead(mine)
+        assert [(s["mountpoint"], s["dead"]) for s in _status()] == [(str(mine), True)]
+    finally:
+        for mnt in (theirs, mine):
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+        shutil.rmtree(other_runtime, ignore_errors=True)
+
+
+def _wait_dead(mnt: Path) -> None:
+    deadline = time.monotonic() + 10
+    while not fusectl.is_stale(mnt):
+        assert time.monotonic() < deadline, f"{mnt} did not become a dead mount"
+        time.sleep(0.02)
 
 
 def test_mount_on_a_non_empty_folder_is_refused_unless_nonempty(vault: VaultFixture) -> None:

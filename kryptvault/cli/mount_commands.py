@@ -33,6 +33,7 @@ from kryptvault.session.control import (
     check_socket_path,
     daemon_socket_for,
     list_sockets,
+    recorded_mountpoints,
 )
 from kryptvault.session.handoff import SessionSettings
 from kryptvault.session.launcher import start_daemon
@@ -516,9 +517,12 @@ def umount(mountpoint: Path) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(as_json: bool) -> None:
-    """List mounted vaults (token, uptime, last commit, unsaved bytes) and the last backups."""
+    """List this session's mounted vaults (token, uptime, last commit, unsaved bytes), the dead
+    mounts its killed daemons left, and the last backups."""
     statuses = [s for _, s in _statuses()]
-    dead = fusectl.dead_mounts(exclude=[str(s.get("mountpoint")) for s in statuses])
+    dead = fusectl.dead_mounts(
+        among=recorded_mountpoints(), exclude=[str(s.get("mountpoint")) for s in statuses]
+    )
     backups = _last_backups()
     if as_json:
         for mounted in statuses:

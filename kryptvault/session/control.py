@@ -44,6 +44,7 @@ MAX_CONNECTIONS = 8
 MAX_RESPONSE = 1 << 20
 CLIENT_TIMEOUT = 30.0
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL
+_MOUNTPOINT_MAX = 4096  # PATH_MAX: a longer "mount point" in a lock file is not one
 _OP_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _UCRED = struct.Struct("3i")  # struct ucred: pid_t pid, uid_t uid, gid_t gid
 
@@ -129,6 +130,33 @@ def list_sockets() -> list[Path]:
     return sorted(found)
 
 
+def recorded_mountpoints() -> list[bytes]:
+    """The mount points this session's daemons serve or served and did not clean up.
+
+    A daemon writes its mount point into its socket's lock file, which every exit removes
+    and only a kill -9 (or a crash) leaves behind. `status` looks for dead mounts among
+    these alone: another session's dead mount (another XDG_RUNTIME_DIR, a test's own) is
+    not this session's to report."""
+    found = []
+    for path in runtime_dir().glob("*.sock.lock"):
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    recorded = os.read(fd, _MOUNTPOINT_MAX + 1)
+                    if 0 < len(recorded) <= _MOUNTPOINT_MAX:
+                        found.append(recorded)
+            finally:
+                os.close(fd)
+    return sorted(found)
+
+
+def _record_mountpoint(lock_fd: int, mountpoint: Path) -> None:
+    # The file may hold a predecessor's mount point (killed, same container): replace it.
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, os.fsencode(mountpoint), 0)
+
+
 class _Refusal(Exception):
     """A request that ends the connection after its error reply."""
 
@@ -149,6 +177,7 @@ class ControlServer:
         audit: AuditLog | None,
         *,
         read_timeout: float = READ_TIMEOUT,
+        mountpoint: Path | None = None,
     ) -> None:
         for op in handlers:
             if not _OP_NAME.fullmatch(op):
@@ -157,6 +186,7 @@ class ControlServer:
         self._handlers = dict(handlers)
         self._audit = audit
         self._read_timeout = read_timeout
+        self._mountpoint = mountpoint
         self._vault = _vault_of(self.socket_path)
         self._lock_path = self.socket_path.with_name(self.socket_path.name + ".lock")
         self._lock_fd = -1
@@ -179,6 +209,8 @@ class ControlServer:
         _private_dir(self.socket_path.parent)
         self._lock_fd = _take_lock(self._lock_path, self.socket_path)
         try:
+            if self._mountpoint is not None:
+                _record_mountpoint(self._lock_fd, self._mountpoint)
             _clear_stale(self.socket_path)
             self._listener = _bind_private(self.socket_path)
             self._inode = os.stat(self.socket_path).st_ino

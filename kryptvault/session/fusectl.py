@@ -79,15 +79,18 @@ class DeadMount:
     fsname: str  # "kryptvault:" and the first 8 hex digits of the vault UUID
 
 
-def dead_mounts(exclude: Iterable[str] = ()) -> list[DeadMount]:
-    """This user's kryptvault mounts whose daemon died (for `status`), skipping the mount
-    points in `exclude` (live ones already known: statfs would ask their daemons)."""
+def dead_mounts(among: Iterable[bytes], exclude: Iterable[str] = ()) -> list[DeadMount]:
+    """This user's kryptvault mounts at the mount points `among` whose daemon died (for
+    `status`), skipping the mount points in `exclude` (live ones already known: statfs
+    would ask their daemons)."""
+    wanted = set(among)
     skip = {os.fsencode(path) for path in exclude}
     uid = f"user_id={os.getuid()}".encode()
     candidates = [
         fields
         for fields in _mountinfo()
         if _fstype(fields) == KRYPTVAULT_FSTYPE
+        and fields[4] in wanted
         and fields[4] not in skip
         and uid in _super_options(fields).split(b",")
     ]

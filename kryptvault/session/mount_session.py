@@ -443,7 +443,7 @@ class MountSession:
         }
         # One socket per container file: a restored copy mounts beside its vault.
         path = socket_path_for(self.vault_uuid, container_instance(os.fstat(self.fd)))
-        self.control = ControlServer(path, handlers, self.audit)
+        self.control = ControlServer(path, handlers, self.audit, mountpoint=self.mountpoint)
         self.control.start()
 
     def status(self) -> dict[str, object]:
