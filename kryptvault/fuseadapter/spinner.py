@@ -11,8 +11,10 @@ goroutines wait.
 `CpuSpinner` runs one thread at SCHED_IDLE priority that spins, outside the GIL, while
 the request loop holds a spin lock: from the first request after the loop slept until it
 sleeps again (0.5 ms without a request, server.SPIN_SECONDS), or until it serves a bulk
-READ or WRITE. Any other task on that CPU, the woken caller first, preempts it at once,
-so it only fills time the CPU would have spent halted. Measured here (alternating A/B
+READ or WRITE. Any other task on that CPU, the woken caller first, preempts it, so it
+only fills time the CPU would have spent halted; the caller's wake-up still interrupts
+that CPU (it ran 16-20 µs after its wake-up in `perf sched timehist`, less than from a
+halted vCPU, more than when caller and loop happen to share a CPU). Measured here (alternating A/B
 rounds, fresh mounts, medians): look-ups of absent names 35,344 -> 41,242/s (5 of 6
 rounds faster), small-file creates 3,277 -> 3,978/s (10 of 10), cold stats 21,055 ->
 26,265/s (8 of 10), `ls -lR` and cold sequential reads unchanged (-3 %, -1 %). Spinning
