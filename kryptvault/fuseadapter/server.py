@@ -168,8 +168,8 @@ class FuseServer(Requests):
                 return
             _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = unpack(buf)
             body = view[40:n]
-            if spinner is not None and opcode in _BULK_OPCODES and bulk_size(body)[2] >= BULK_REQUEST:
-                spinner.rest()  # a bulk transfer keeps the loop busy: few wake-ups to save
+            if spinner is not None:
+                spinner.on_request(opcode in _BULK_OPCODES and bulk_size(body)[2] >= BULK_REQUEST)
             handler = handlers.get(opcode)
             if handler is None:
                 self._special(opcode, unique, nodeid, body)
