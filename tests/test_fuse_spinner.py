@@ -46,73 +46,81 @@ def idle_priority_threads(pid: int) -> list[int]:
     return found
 
 
-@needs_two_cpus
-def test_spinner_spins_at_idle_priority_from_burst_to_rest() -> None:
-    spinner = CpuSpinner.for_this_machine()
-    assert spinner is not None
+@pytest.fixture
+def spinner() -> Iterator[CpuSpinner]:
+    """A spinner whose thread runs at idle priority, closed after the test."""
+    made = CpuSpinner.for_this_machine()
+    assert made is not None
     try:
-        assert spinner.wait_ready(5.0)
-        tid = spinner.thread.native_id
-        assert tid is not None and os.sched_getscheduler(tid) == os.SCHED_IDLE
-        clock = time.pthread_getcpuclockid(spinner.thread.ident or 0)
-
-        def spent(seconds: float) -> float:
-            before = time.clock_gettime(clock)
-            time.sleep(seconds)
-            return time.clock_gettime(clock) - before
-
-        assert spent(0.2) < 0.02  # waiting for a burst, not spinning
-        spinner.burst()
-        assert spent(0.3) > 0.1  # a CPU is free (this thread sleeps): the spinner has it
-        spinner.rest()
-        time.sleep(0.05)
-        assert spent(0.3) < 0.02
-        spinner.burst()
-        assert spent(0.2) > 0.05  # a second burst spins again
+        assert made.wait_ready(5.0)
+        yield made
     finally:
-        spinner.close()
+        made.close()
+
+
+def spin_clock(spinner: CpuSpinner) -> int:
+    """The spinner thread's CPU-time clock."""
+    return time.pthread_getcpuclockid(spinner.thread.ident or 0)
+
+
+@needs_two_cpus
+def test_spinner_spins_at_idle_priority_from_burst_to_rest(spinner: CpuSpinner) -> None:
+    tid = spinner.thread.native_id
+    assert tid is not None and os.sched_getscheduler(tid) == os.SCHED_IDLE
+    clock = spin_clock(spinner)
+
+    def spent(seconds: float) -> float:
+        before = time.clock_gettime(clock)
+        time.sleep(seconds)
+        return time.clock_gettime(clock) - before
+
+    assert spent(0.2) < 0.02  # waiting for a burst, not spinning
+    spinner.burst()
+    assert spent(0.3) > 0.1  # a CPU is free (this thread sleeps): the spinner has it
+    spinner.rest()
+    time.sleep(0.05)
+    assert spent(0.3) < 0.02
+    spinner.burst()
+    assert spent(0.2) > 0.05  # a second burst spins again
+    spinner.close()
     spinner.thread.join(5.0)
     assert not spinner.thread.is_alive()
 
 
 @needs_two_cpus
-def test_a_burst_begun_before_the_spinner_let_go_of_the_last_one_spins_from_the_next_request() -> None:
+def test_a_burst_begun_before_the_spinner_let_go_of_the_last_one_spins_from_the_next_request(
+    spinner: CpuSpinner,
+) -> None:
     # After rest() the thread takes the lock and needs the GIL to give it back; a burst
     # that starts before then (the loop back from a short sleep, still holding the GIL)
     # cannot take the lock. It must not go without a spinner until the loop next sleeps.
-    spinner = CpuSpinner.for_this_machine()
-    assert spinner is not None
-    try:
-        assert spinner.wait_ready(5.0)
-        clock = time.pthread_getcpuclockid(spinner.thread.ident or 0)
-        behind = 0
-        spun: list[float] = []
-        for _ in range(300):
-            spinner.burst()
-            time.sleep(0.0005)  # it spins
+    clock = spin_clock(spinner)
+    behind = 0
+    spun: list[float] = []
+    for _ in range(300):
+        spinner.burst()
+        time.sleep(0.0005)  # it spins
+        spinner.rest()
+        spinner.burst()  # at once, without releasing the GIL in between
+        if spinner.holding:
             spinner.rest()
-            spinner.burst()  # at once, without releasing the GIL in between
-            if spinner.holding:
-                spinner.rest()
-                continue
-            behind += 1
-            assert spinner.behind
-            deadline = time.monotonic() + 2.0
-            while not spinner.holding:  # the loop's next requests
-                assert time.monotonic() < deadline, "the burst never caught up"
-                time.sleep(0.0001)
-                spinner.on_request(bulk=False)
-            assert not spinner.behind
-            before = time.clock_gettime(clock)
-            time.sleep(0.02)
-            spun.append(time.clock_gettime(clock) - before)
-            spinner.rest()
-        print(f"{behind} of 300 bursts began behind")
-        assert behind > 0  # the case happened (14-35 % of the time on the 2-CPU VM)
-        # And it spins then (once is enough: another program may hold the CPUs at times).
-        assert max(spun) > 0.005, spun
-    finally:
-        spinner.close()
+            continue
+        behind += 1
+        assert spinner.behind
+        deadline = time.monotonic() + 2.0
+        while not spinner.holding:  # the loop's next requests
+            assert time.monotonic() < deadline, "the burst never caught up"
+            time.sleep(0.0001)
+            spinner.on_request(bulk=False)
+        assert not spinner.behind
+        before = time.clock_gettime(clock)
+        time.sleep(0.02)
+        spun.append(time.clock_gettime(clock) - before)
+        spinner.rest()
+    print(f"{behind} of 300 bursts began behind")
+    assert behind > 0  # the case happened (14-35 % of the time on the 2-CPU VM)
+    # And it spins then (once is enough: another program may hold the CPUs at times).
+    assert max(spun) > 0.005, spun
 
 
 def test_no_spinner_on_one_cpu() -> None:
