@@ -63,3 +63,14 @@ def private_session() -> Iterator[Path]:
             check=False,
         )
     shutil.rmtree(SESSION_ROOT, ignore_errors=True)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short base directory: a control socket's path must fit in sun_path (107 bytes),
+    and pytest's tmp_path with a vault UUID after it does not."""
+    base = Path(tempfile.mkdtemp(prefix="kvs", dir="/tmp"))
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

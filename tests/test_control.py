@@ -5,12 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -60,17 +58,6 @@ def slow(args: dict[str, object], peer: PeerCred) -> dict[str, object]:
 
 
 HANDLERS = {"status": status, "echo": echo, "refuse": refuse, "crash": crash, "slow": slow}
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short base directory: a socket path must fit in sun_path (107 bytes), and
-    pytest's tmp_path with a vault UUID after it does not."""
-    base = Path(tempfile.mkdtemp(prefix="kvc", dir="/tmp"))
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

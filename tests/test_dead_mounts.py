@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -94,12 +92,11 @@ def test_status_lists_a_dead_mount_until_lock_removes_it(vault: VaultFixture) ->
     assert not [s for s in _status() if s["mountpoint"] == str(mnt)]
 
 
-def test_status_lists_only_the_dead_mounts_this_session_left(vault: VaultFixture) -> None:
+def test_status_lists_only_the_dead_mounts_this_session_left(vault: VaultFixture, short_tmp: Path) -> None:
     # Another session of the same user (its own XDG_RUNTIME_DIR) leaves a dead mount, as a
     # CI machine's earlier job did: this session's status and `_daemon_gone` waits must not
     # see it, while the session that left it still does.
-    other_runtime = Path(tempfile.mkdtemp(prefix="kvo", dir="/tmp"))
-    other = dict(os.environ, XDG_RUNTIME_DIR=str(other_runtime))
+    other = dict(os.environ, XDG_RUNTIME_DIR=str(short_tmp))
     theirs, mine = vault.dir / "mnt-theirs", vault.dir / "mnt-mine"
     theirs.mkdir()
     mine.mkdir()
@@ -122,7 +119,6 @@ def test_status_lists_only_the_dead_mounts_this_session_left(vault: VaultFixture
     finally:
         for mnt in (theirs, mine):
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
-        shutil.rmtree(other_runtime, ignore_errors=True)
 
 
 def _wait_dead(mnt: Path) -> None:

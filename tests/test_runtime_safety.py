@@ -10,7 +10,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -63,16 +62,6 @@ FOREIGN_SERVER = textwrap.dedent(
     print("heard", heard, flush=True)
     """
 )
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """Short paths: control sockets must fit in sun_path (107 bytes)."""
-    base = Path(tempfile.mkdtemp(prefix="kvr", dir="/tmp"))
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _foreign_server(path: Path, seconds: float, vault: str = VAULT) -> subprocess.Popen[str]:

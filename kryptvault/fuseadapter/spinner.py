@@ -139,10 +139,10 @@ class CpuSpinner:
     def on_request(self, bulk: bool) -> None:
         """For each request the loop serves: catch up on a burst that began behind, and
         rest through a bulk transfer (the loop is busy then: few wake-ups to save)."""
-        if self.behind:
-            self.burst()
         if bulk:
             self.rest()
+        elif self.behind:
+            self.burst()
 
     @property
     def holding(self) -> bool:
