@@ -367,15 +367,7 @@ class FuseServer(Requests):
         self.feed.paused = True
         if not self.writeback:
             return True
-        inodes = self.open_inodes()
-        if not inodes:
-            return True
-        worker = threading.Thread(
-            target=self._invalidate, args=(inodes,), name="kryptvault-drain", daemon=True
-        )
-        worker.start()
-        worker.join(timeout)
-        return not worker.is_alive()
+        return self.feed.drop_pages(self.open_inodes()).wait(timeout)
 
     def invalidate_open_files(self) -> int:
         """Drop cached plaintext of open files (lock step, before the abort): an aborted
