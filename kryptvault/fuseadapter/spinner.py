@@ -24,8 +24,9 @@ hence the rest on bulk requests. The price is CPU time: up to one more CPU while
 of small requests lasts, none when the mount is idle.
 
 The thread takes the lock as the loop rests and needs the GIL to give it back, so a burst
-that begins right after a rest can find the lock still taken (14 % of such bursts in
-tests/test_fuse_spinner.py). The loop then asks again at its next request; until
+that begins right after a rest can find the lock still taken (0-35 % of such bursts on
+this VM, by load; tests/test_fuse_spinner.py forces it). The loop then asks again at its
+next request; until
 2026-12-06 it did not, and such a burst went without a spinner until the loop next slept
 (a CI run saw 5,000 look-ups without a spin; catching up: small creates 3,890 -> 4,328
 files/s, medians of 10 alternating rounds, 8 of 10 faster).
