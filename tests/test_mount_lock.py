@@ -294,6 +294,64 @@ def test_foreground_mount_locks_on_ctrl_c(vault: VaultFixture) -> None:
     assert proc.returncode == 0
 
 
+def _threads_taking(pid: int, signals: set[signal.Signals]) -> dict[str, list[str]]:
+    """Threads of `pid` that do not block every one of `signals`, but the one waiting for
+    them in sigwait (the kernel unblocks what a thread waits for while it waits there):
+    {thread id: the names}. "sigwait" is that thread's entry, if there is one."""
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # the thread ended meanwhile
+            if "sigtimedwait" in Path(f"/proc/{pid}/task/{tid}/wchan").read_text():
+                found["sigwait"] = [tid]
+                continue
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            blocked = int(next(x for x in status.splitlines() if x.startswith("SigBlk:")).split()[1], 16)
+            open_to = [sig.name for sig in signals if not blocked & (1 << (sig - 1))]
+            if open_to:
+                found[tid] = open_to
+    return found
+
+
+@pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "foreground"])
+def test_every_thread_of_a_mount_leaves_the_lock_signals_to_its_signal_thread(
+    vault: VaultFixture, foreground: bool
+) -> None:
+    """SIGTERM, SIGINT and SIGHUP must reach the thread that waits for them (sigwait) and
+    locks: a thread that does not block them would take them instead (SIGTERM's default
+    action ends the process unlocked; SIGINT raises KeyboardInterrupt in the main thread).
+    Every thread inherits its creator's mask, so no thread may start before it is set."""
+    from kryptvault.session.mount_session import LOCK_SIGNALS
+
+    mnt = vault.dir / "mnt"
+    proc: subprocess.Popen[bytes] | None = None
+    if foreground:
+        from cli_helpers import KRYPTVAULT
+
+        proc = subprocess.Popen(
+            [KRYPTVAULT, "mount", str(vault.container), str(mnt), *vault.pw(), "--foreground"],
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = proc.pid
+    else:
+        assert _mount(vault).returncode == 0
+        pid = _daemon_pid(vault)
+    try:
+        (mnt / "f").write_text("data")  # the store's and the page-cache threads start too
+        with open(mnt / "f") as f:
+            f.read()
+        os.sync()
+        assert len(os.listdir(f"/proc/{pid}/task")) > 5
+        assert list(_threads_taking(pid, LOCK_SIGNALS)) == ["sigwait"]
+    finally:
+        run_process("lock", mnt)
+        if proc is not None:
+            assert proc.wait(timeout=20) == 0
+        _wait_gone(mnt, pid)
+
+
 class _LockInterceptor:
     """Stands on a real daemon's control socket path (the daemon's own socket moved aside):
     it passes every request on and every answer back, but closes the client's connection

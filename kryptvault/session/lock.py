@@ -75,11 +75,20 @@ class LockSequence:
         self._latch = threading.Lock()
         self._locked = False
         self.outcome: LockOutcome | None = None
-        # The commit runs on a thread of its own (for the deadline), started now: a thread
-        # started at lock time took 6-21 ms to run in the TCG guest, whose request loops
-        # hold the GIL at that moment (the drain's, measured over 20 pulls).
         self._commit_jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        threading.Thread(target=self._run_commit_jobs, name="kryptvault-lock-commit", daemon=True).start()
+        self._committer: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread the commit runs on (a thread of its own, for the deadline) ahead
+        of the lock: a thread started at lock time took 6-21 ms to run in the TCG guest,
+        whose request loops hold the GIL then (the drain's, measured over 20 pulls). Call
+        it once the process has blocked the signals a lock thread waits for: the new thread
+        inherits that mask, and a thread without it would take those signals instead."""
+        if self._committer is None:
+            self._committer = threading.Thread(
+                target=self._run_commit_jobs, name="kryptvault-lock-commit", daemon=True
+            )
+            self._committer.start()
 
     @property
     def locked(self) -> bool:
@@ -132,6 +141,7 @@ class LockSequence:
                 outcome.commit_seconds = time.monotonic() - start
                 done.set()
 
+        self.start()  # a no-op once the session started it
         self._commit_jobs.put(commit)
         if done.wait(self._deadline):
             self._after_commit(outcome, steps)

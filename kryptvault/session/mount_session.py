@@ -335,8 +335,9 @@ class MountSession:
     def run(self) -> int:
         """Serve until a lock; returns only if the lock did not end the process."""
         assert self.fs is not None
-        signal.pthread_sigmask(signal.SIG_BLOCK, LOCK_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, LOCK_SIGNALS)  # before any thread starts
         threading.Thread(target=self._wait_for_signals, name="kryptvault-signals", daemon=True).start()
+        self.lock.start()
         self._start_control()
         threading.Thread(target=self._reap_holds, name="kryptvault-holds", daemon=True).start()
         if not self.settings.read_only:
