@@ -157,6 +157,20 @@ SCRIPT_WRITER = textwrap.dedent(
 )
 
 
+def _hold_open(path: Path, content: str) -> subprocess.Popen[str]:
+    """A process holding `path` open, having read `content` through it; it reads again
+    when told (a line on its stdin) and prints what it got."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT_HOLDER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout.readline().strip() == f"read {content}"
+    return holder
+
+
 def test_lock_with_a_file_held_open_and_a_writer_running_leaves_no_plaintext_and_keeps_fsynced_data(
     vault: VaultFixture,
 ) -> None:
@@ -165,14 +179,7 @@ def test_lock_with_a_file_held_open_and_a_writer_running_leaves_no_plaintext_and
     pid = _daemon_pid(vault)
     secret = mnt / "secret.txt"
     secret.write_text("TOP-SECRET-PLAINTEXT")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT_HOLDER, str(secret)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None and holder.stdin is not None
-    assert holder.stdout.readline().strip() == "read TOP-SECRET-PLAINTEXT"
+    holder = _hold_open(secret, "TOP-SECRET-PLAINTEXT")
     done_log = vault.dir / "fsynced.txt"
     writer = subprocess.Popen(
         [sys.executable, "-c", SCRIPT_WRITER, str(mnt / "log.txt"), str(done_log)],
@@ -205,14 +212,7 @@ def test_a_connection_aborted_from_outside_with_a_file_held_open_locks_at_once(v
     pid = _daemon_pid(vault)
     (mnt / "held.txt").write_text("kept")
     os.sync()  # committed before the abort: nothing may be lost but what the abort cuts off
-    holder = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT_HOLDER, str(mnt / "held.txt")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None and holder.stdin is not None
-    assert holder.stdout.readline().strip() == "read kept"
+    holder = _hold_open(mnt / "held.txt", "kept")
     Path(f"/sys/fs/fuse/connections/{os.minor(os.stat(mnt).st_dev)}/abort").write_text("1")
     took = _wait_gone(mnt, pid, timeout=30)
     # No assertion on what the holder reads now: with the connection gone first, the daemon
