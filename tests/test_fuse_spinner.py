@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from fs_fixtures import Mount, mkfs_container
 
-from kryptvault.fuseadapter.spinner import CpuSpinner
+from kryptvault.fuseadapter.spinner import CpuSpinner, _spin_functions
 
 pytestmark = pytest.mark.fuse
 
@@ -96,15 +96,15 @@ def gil_holding_spinner() -> Iterator[CpuSpinner]:
     lock at that rest() then cannot give it back before the burst: the race below, forced
     instead of waited for (with the GIL released in unlock, it came up in 0-35 % of tries,
     depending on the machine's load)."""
-    libc, gil_libc = ctypes.CDLL(None), ctypes.PyDLL(None)
-    init, lock = libc.pthread_spin_init, libc.pthread_spin_lock
+    functions = _spin_functions()
+    assert functions is not None
+    init, lock, _, _ = functions
+    gil_libc = ctypes.PyDLL(None)
     trylock, unlock = gil_libc.pthread_spin_trylock, gil_libc.pthread_spin_unlock
-    init.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
-    for fn in (lock, trylock, unlock):
+    for fn in (trylock, unlock):
         fn.argtypes = [ctypes.POINTER(ctypes.c_int)]
-    for fn in (init, lock, trylock, unlock):
         fn.restype = ctypes.c_int
-    made = CpuSpinner(((lambda p: init(p, 0)), lock, trylock, unlock))
+    made = CpuSpinner((init, lock, trylock, unlock))
     try:
         assert made.wait_ready(5.0)
         yield made

@@ -183,17 +183,26 @@ class PageCacheFeed:
             done.set()
         return done
 
+    def drop_pages_now(self, inodes: list[int]) -> None:
+        """`drop_pages` from the caller's thread, for a lock whose drain already had the
+        dirty pages written back (or gave up on them): it takes no lock, so a store that
+        hangs cannot keep the lock from going on."""
+        for ino in inodes:
+            self._invalidate(ino, 0, 0)
+
+    def _invalidate(self, ino: int, offset: int, length: int) -> None:
+        err = self._notify(w.NOTIFY_INVAL_INODE, [w.NOTIFY_INVAL_INODE_OUT.pack(ino, offset, length)])
+        if err not in (0, errno.ENOENT):  # ENOENT: the kernel no longer has the inode
+            log.debug("invalidating inode %d: errno %d", ino, err)
+
     def _stale_loop(self) -> None:
-        pack = w.NOTIFY_INVAL_INODE_OUT.pack
         while True:
             item = self._stale.get()
             if item is None:
                 break
             ino, offset, length, done = item
             with self._lock:  # after the store in flight, if any
-                err = self._notify(w.NOTIFY_INVAL_INODE, [pack(ino, offset, length)])
-            if err not in (0, errno.ENOENT):  # ENOENT: the kernel no longer has the inode
-                log.debug("invalidating inode %d: errno %d", ino, err)
+                self._invalidate(ino, offset, length)
             if done is not None:
                 done.set()
         # Set before the queue is emptied: whoever queues after this sees it.

@@ -344,20 +344,6 @@ class FuseServer(Requests):
         with self._state_lock:
             return list(self._opens)
 
-    def _invalidate(self, inodes: list[int]) -> int:
-        """Drop the kernel's cached attributes and pages of `inodes`; dirty pages are
-        written back first (the kernel launders them: WRITE requests to the loops)."""
-        done = 0
-        for ino in inodes:
-            if self._fd < 0:
-                break
-            err = self._notify(w.NOTIFY_INVAL_INODE, [w.NOTIFY_INVAL_INODE_OUT.pack(ino, 0, 0)])
-            if err == 0:
-                done += 1
-            elif err not in (errno.ENOENT,):  # ENOENT: the kernel no longer has the inode
-                log.debug("invalidating inode %d: errno %d", ino, err)
-        return done
-
     def drain(self, timeout: float) -> bool:
         """First step of a lock: refuse new work except the write-back of dirty pages,
         then have the kernel write back (and drop) the pages of every open file. True if
@@ -369,10 +355,10 @@ class FuseServer(Requests):
             return True
         return self.feed.drop_pages(self.open_inodes()).wait(timeout)
 
-    def invalidate_open_files(self) -> int:
+    def invalidate_open_files(self) -> None:
         """Drop cached plaintext of open files (lock step, before the abort): an aborted
         connection still serves page-cache hits to descriptors already open."""
-        return self._invalidate(self.open_inodes())
+        self.feed.drop_pages_now(self.open_inodes())
 
 
 def mount_options(fsname: str, *, allow_other: bool, extra: dict[str, str | int | bool] | None) -> list[str]:
