@@ -453,7 +453,12 @@ class Requests:
             # The version first: any change that reaches the vault after it (a write
             # back of a page the kernel holds, a truncate) makes this block's store stale.
             version = self.feed.version(ino)
-            if size >= STORE_BLOCK or fh in self._direct or not self.feed.wants(ino):
+            # Only a read inside one block is answered from that block: the kernel takes a
+            # short reply as a hole and caches zeros for the rest of the request. Reads cross
+            # a block boundary often (read-ahead windows start anywhere: an 8 KiB pread
+            # 4 KiB before a boundary of a cold file read zeros in its second page).
+            crosses = offset % STORE_BLOCK + size > STORE_BLOCK
+            if crosses or size >= STORE_BLOCK or fh in self._direct or not self.feed.wants(ino):
                 out = self._reply_buffer(size)
                 return out[: fs.read_into(fh, offset, out)]
             start = offset - offset % STORE_BLOCK
