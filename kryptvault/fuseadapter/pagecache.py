@@ -2,7 +2,9 @@
 
 - Block stores: a read that misses decrypts a whole 64 KiB block anyway, so the rest of
   the block is pushed into the page cache (FUSE_NOTIFY_STORE) and the next reads in it
-  never reach the daemon (cold random 4 KiB reads: one miss warms sixteen pages).
+  never reach the daemon (cold random 4 KiB reads: one miss warms sixteen pages). Only a
+  read inside one block is served this way (requests.py): one that crosses into the
+  next block is answered whole from both, without a store.
 - Stale pages: a write through a direct-I/O handle bypasses the page cache, so the pages
   other descriptors cached for that range are dropped (FUSE_NOTIFY_INVAL_INODE).
 - Drained pages: a lock has the kernel write back and drop every page of the open files
