@@ -457,16 +457,17 @@ class Requests:
             # short reply as a hole and caches zeros for the rest of the request. Reads cross
             # a block boundary often (read-ahead windows start anywhere: an 8 KiB pread
             # 4 KiB before a boundary of a cold file read zeros in its second page).
-            crosses = offset % STORE_BLOCK + size > STORE_BLOCK
+            # A whole block has nothing left to store either.
+            lo = offset % STORE_BLOCK
+            crosses = lo + size > STORE_BLOCK
             if crosses or size >= STORE_BLOCK or fh in self._direct or not self.feed.wants(ino):
                 out = self._reply_buffer(size)
                 return out[: fs.read_into(fh, offset, out)]
-            start = offset - offset % STORE_BLOCK
+            start = offset - lo
             block = fs.read(fh, start, STORE_BLOCK)
         except FsError as e:
             self._eio_log(ino, e)
             raise
-        lo = offset - start
         hi = min(len(block), lo + size)
         self.feed.offer(ino, version, start, block, lo, hi)
         return block[lo:hi]
