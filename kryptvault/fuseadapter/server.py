@@ -15,9 +15,10 @@ kernel inode per vault inode (node id = inode number, generation bumped when a n
 freed). `fusermount3` still makes the mount, so ordinary users can mount (channel.py).
 
 Requests are served by `threads` loops reading the same descriptor; each request runs to
-completion under the filesystem's one lock. While requests flow, an idle-priority thread
-keeps a second CPU from halting, so that answers wake their callers without waiting for a
-halted CPU (spinner.py, with the figures). Notifications (cache invalidation, the lock's
+completion under the filesystem's one lock. While requests flow, an idle-priority helper
+process keeps a second CPU from halting, so that answers wake their callers without waiting
+for a halted CPU (spinner.py, with the figures; a process, so that the key-holding one has
+no idle-priority thread to hold up its exit). Notifications (cache invalidation, the lock's
 write-back of dirty pages) are written from other threads, never from a loop that the
 kernel may be waiting on.
 """
