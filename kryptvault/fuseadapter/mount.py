@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 
 from kryptvault.fs import Filesystem
 from kryptvault.fuseadapter.server import FuseServer, mount_options
+from kryptvault.fuseadapter.spinner import CpuSpinner
 
 log = logging.getLogger("kryptvault.fuse")
 
@@ -32,7 +33,7 @@ def serve(
     on_ready: Callable[[], None] | None = None,
     on_operations: Callable[[FuseServer], None] | None = None,
     threads: bool | int = 1,
-    spin: bool = True,
+    spin: bool | CpuSpinner = True,
     debug: bool = False,
     handle_signals: bool = True,
 ) -> None:
@@ -60,7 +61,8 @@ def serve(
     turns them into a lock). `threads` request loops read the connection (True = 2); with the GIL and one
     filesystem lock a second loop mostly helps when one request waits on the kernel.
     `spin` (the default) keeps a second CPU awake at idle priority while requests flow, so
-    that answers wake their callers fast (fuseadapter/spinner.py: its gains and its cost).
+    that answers wake their callers fast (fuseadapter/spinner.py: its gains and its cost);
+    a `CpuSpinner` made earlier (its helper started before any key arrived) is used as is.
     """
     if not foreground:
         raise ValueError("serve() runs in the foreground; start it in a child process")

@@ -79,7 +79,7 @@ class FuseServer(Requests):
         commit_delay: float | None = 5.0,
         threads: int = 1,
         store_blocks: bool = True,
-        spin: bool = True,
+        spin: bool | CpuSpinner = True,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(
@@ -114,7 +114,9 @@ class FuseServer(Requests):
         ]
         workers += self.feed.threads()
         try:
-            if self.spin:
+            if isinstance(self.spin, CpuSpinner):
+                self.spinner = self.spin
+            elif self.spin:
                 self.spinner = CpuSpinner.for_this_machine()
             for t in workers:
                 t.start()

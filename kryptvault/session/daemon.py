@@ -13,6 +13,7 @@ import sys
 
 from kryptvault.crypto.secret import harden_process
 from kryptvault.errors import KryptvaultError
+from kryptvault.fuseadapter.spinner import CpuSpinner
 from kryptvault.session.handoff import receive
 from kryptvault.session.mount_session import LOCK_SIGNALS, run_daemon
 
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             pass
         ready_fd = -1
 
+    # The spinner's helper starts now, before any key byte arrives, and its interpreter
+    # starts beside the daemon's own start-up instead of beside the first requests (and,
+    # in the TCG guest, beside a lock soon after the mount: ~18 ms of CPU).
+    spinner = CpuSpinner.for_this_machine()
     try:
         settings, data_key, meta_key = receive(args.handoff_fd)
     except (EOFError, ValueError, TypeError) as exc:
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         os.close(args.handoff_fd)
     try:
-        return run_daemon(settings, data_key, meta_key, report)
+        return run_daemon(settings, data_key, meta_key, report, spinner)
     except Exception as exc:
         if ready_fd < 0:
             raise  # mounted already: the lock handles it; the traceback goes to the log

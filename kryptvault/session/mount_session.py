@@ -30,6 +30,7 @@ from kryptvault.errors import IntegrityError, KryptvaultError
 from kryptvault.fs.filesystem import Filesystem
 from kryptvault.fuseadapter.mount import serve
 from kryptvault.fuseadapter.server import FuseServer
+from kryptvault.fuseadapter.spinner import CpuSpinner
 from kryptvault.session import fusectl
 from kryptvault.session.audit import AuditLog, Scalar, make_entry
 from kryptvault.session.config import VaultPrefs, load_config, load_vault_prefs
@@ -75,6 +76,7 @@ class MountSession:
         report: Callable[[str], None],
     ) -> None:
         self.settings = settings
+        self.spinner: CpuSpinner | None = None
         self.vault_uuid = uuid.UUID(settings.vault_uuid)
         self.mountpoint = Path(settings.mountpoint)
         self._report = report
@@ -366,6 +368,7 @@ class MountSession:
                 on_ready=self._ready,
                 on_operations=self._set_operations,
                 handle_signals=False,
+                spin=self.spinner or False,
             )
         except Exception as exc:
             log.exception("FUSE failed")
@@ -693,9 +696,15 @@ def _ms(seconds: float | None) -> int | None:
 
 
 def run_daemon(
-    settings: SessionSettings, data_key: Secret, meta_key: Secret, report: Callable[[str], None]
+    settings: SessionSettings,
+    data_key: Secret,
+    meta_key: Secret,
+    report: Callable[[str], None],
+    spinner: CpuSpinner | None = None,
 ) -> int:
+    """`spinner`: made at the daemon's start, before any key arrived (None: no spinning)."""
     session = MountSession(settings, data_key, meta_key, report)
+    session.spinner = spinner
     try:
         session.open()
     except KryptvaultError as exc:
