@@ -35,7 +35,8 @@ unmount with the thread (its last thread, the spinner, runnable and waiting for 
 `cryptography`'s objects, its container and its lock on it, outlives the lock. A thread
 also takes the GIL at idle priority after each burst and can be preempted holding it (a
 stall of 176 ms of the other threads in a micro-benchmark under that load). The helper is
-a fresh interpreter (`-I -S`, exec'd, so it holds no copy of the daemon's memory), sees
+a fresh interpreter (`-I -S`, exec'd; the mount daemon starts it before any key arrives,
+session/daemon.py, and its start-up then does not run beside a lock soon after the mount), sees
 only the shared lock and a pipe, dies with the daemon (PR_SET_PDEATHSIG, and the pipe's
 end of file), and its own exit, however late under load, holds nothing of the vault.
 
