@@ -54,6 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
@@ -108,8 +110,12 @@ def timed(fn: Callable[[], object]) -> float:
 def peak_rss(pid: int) -> int:
     """VmHWM of the process plus that of its children (the vault's spinner helper): what
     the mount costs in memory, not only its main process."""
+    try:
+        family = [pid, *(c.pid for c in psutil.Process(pid).children())]
+    except psutil.NoSuchProcess:
+        return 0
     total = 0
-    for p in (pid, *_children(pid)):
+    for p in family:
         try:
             with open(f"/proc/{p}/status") as f:
                 for line in f:
@@ -118,20 +124,6 @@ def peak_rss(pid: int) -> int:
         except OSError:
             pass
     return total
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 def wait_mounted(mp: Path, proc: subprocess.Popen[bytes], what: str) -> None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from fs_fixtures import Mount, mkfs_container
 
@@ -52,19 +53,7 @@ def spinner_helper(parent: int, timeout: float = 10.0) -> int:
     named itself; there must be exactly one."""
     deadline = time.monotonic() + timeout
     while True:
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            if ppid == parent and comm == "kryptvault-spin":
-                found.append(int(entry))
+        found = [c.pid for c in psutil.Process(parent).children() if c.name() == "kryptvault-spin"]
         if found or time.monotonic() > deadline:
             (helper,) = found
             return helper
@@ -73,18 +62,13 @@ def spinner_helper(parent: int, timeout: float = 10.0) -> int:
 
 def gone(pid: int, timeout: float) -> bool:
     """Whether the process ended (exited or a zombie) within `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state in ("Z", "X"):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
+    try:
+        psutil.Process(pid).wait(timeout)
+    except psutil.TimeoutExpired:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        pass
+    return True
 
 
 @pytest.fixture

@@ -74,9 +74,10 @@ class MountSession:
         data_key: Secret,
         meta_key: Secret,
         report: Callable[[str], None],
+        spinner: CpuSpinner | None = None,
     ) -> None:
         self.settings = settings
-        self.spinner: CpuSpinner | None = None
+        self.spinner = spinner  # made at the daemon's start, before any key arrived
         self.vault_uuid = uuid.UUID(settings.vault_uuid)
         self.mountpoint = Path(settings.mountpoint)
         self._report = report
@@ -703,8 +704,7 @@ def run_daemon(
     spinner: CpuSpinner | None = None,
 ) -> int:
     """`spinner`: made at the daemon's start, before any key arrived (None: no spinning)."""
-    session = MountSession(settings, data_key, meta_key, report)
-    session.spinner = spinner
+    session = MountSession(settings, data_key, meta_key, report, spinner)
     try:
         session.open()
     except KryptvaultError as exc:
