@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from kryptvault.backup.restore import run_restore
 from kryptvault.backup.source import HoldInfo, StoreHold
 from kryptvault.backup.verify import verify_set
 from kryptvault.errors import KryptvaultError, UsageError
+from kryptvault.session.paths import state_dir
 
 
 def test_live_backup_in_process_is_exactly_the_held_generation(tmp_path: Path) -> None:
@@ -223,3 +226,51 @@ def test_live_backup_of_a_mounted_vault_through_the_control_socket(tmp_path: Pat
             assert got == full or (i == during[-1] and full.startswith(got)), i
     full_check = run_process("verify", dest, "--full", "--version", "1", *vault.pw())
     assert full_check.returncode == 0, full_check.stdout + full_check.stderr
+
+
+def test_the_hold_of_a_backup_killed_mid_way_is_released_by_the_daemon(tmp_path: Path) -> None:
+    """A backup killed before it could release its hold must not keep the vault's freed
+    space from being reused until the next lock: the daemon notices the dead process."""
+    vault, mnt, _dest = mounted_vault_and_dest(tmp_path)
+    taker = (
+        "import sys, time, uuid\n"
+        "from pathlib import Path\n"
+        "from kryptvault.backup.source import ControlHold\n"
+        "hold = ControlHold.for_container(uuid.UUID(sys.argv[1]), Path(sys.argv[2]))\n"
+        "assert hold is not None\n"
+        "hold.hold()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    audit_path = state_dir() / "audit.jsonl"
+    audit_start = audit_path.stat().st_size if audit_path.exists() else 0
+    try:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", taker, vault.uuid, str(vault.container)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            assert _holds(vault.uuid) == 1
+        finally:
+            holder.kill()
+            holder.wait()
+        deadline = time.monotonic() + 10
+        while _holds(vault.uuid) != 0:
+            assert time.monotonic() < deadline, "the dead backup's hold was never released"
+            time.sleep(0.1)
+        with audit_path.open("rb") as f:
+            f.seek(audit_start)
+            entries = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        expired = [e for e in entries if e.get("event") == "backup_hold_expired"]
+        assert [e.get("pid") for e in expired] == [holder.pid], entries
+    finally:
+        run_process("lock", mnt)
+
+
+def _holds(vault_uuid: str) -> int:
+    status = json.loads(run_process("status", "--json").stdout)
+    found = [s["backup_holds"] for s in status if s["vault"] == vault_uuid]
+    assert len(found) == 1, status
+    return int(found[0])

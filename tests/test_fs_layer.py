@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import stat
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -331,6 +333,38 @@ def test_commit_scheduler(fs: Filesystem) -> None:
         assert time.monotonic() - t0 < 0.6
     finally:
         sched.stop()
+
+
+def test_the_commit_scheduler_runs_handed_jobs_in_order_on_its_thread_until_stopped(fs: Filesystem) -> None:
+    sched = CommitScheduler(fs, delay=0.3, interval=0.05)
+    ran: list[tuple[int, str]] = []
+    release = threading.Event()
+
+    def note(i: int) -> Callable[[], None]:
+        return lambda: ran.append((i, threading.current_thread().name))
+
+    def wait_for_release() -> None:
+        release.wait(5)  # keeps the thread busy a moment
+
+    def fail() -> None:
+        raise RuntimeError("a failing job does not end the thread")
+
+    assert not sched.run_soon(note(9))  # not started: nothing would run it
+    sched.start()
+    try:
+        assert sched.run_soon(wait_for_release)
+        for i in range(3):
+            assert sched.run_soon(note(i))
+        assert sched.run_soon(fail)
+        assert sched.run_soon(note(3))
+        assert ran == []
+        release.set()
+    finally:
+        sched.stop()  # every job accepted before the stop has run when it returns
+    assert ran == [(i, "kryptvault-commit") for i in range(4)]
+    assert not sched.run_soon(note(9))
+    time.sleep(0.1)
+    assert len(ran) == 4
 
 
 def test_statfs(fs: Filesystem) -> None:

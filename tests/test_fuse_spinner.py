@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +116,30 @@ def test_spinner_spins_at_idle_priority_from_burst_to_rest(spinner: CpuSpinner) 
     assert spent(0.2) > 0.05  # a second burst spins again
     spinner.close()
     assert gone(pid, 5.0)
+
+
+@needs_two_cpus
+def test_a_halted_spinner_stops_at_once_and_no_later_burst_wakes_it(spinner: CpuSpinner) -> None:
+    # A lock halts it from its own thread while the request loop is in a burst: the CPUs
+    # belong to the lock's work from then on.
+    pid = spinner.pid
+
+    def spent(seconds: float) -> float:
+        before = run_ns(pid)
+        time.sleep(seconds)
+        return (run_ns(pid) - before) / 1e9
+
+    spinner.burst()
+    assert spinning_soon(pid, 5.0)
+    halting = threading.Thread(target=spinner.halt)
+    halting.start()
+    halting.join()
+    time.sleep(0.05)
+    assert spent(0.3) < 0.02 and not spinner.holding
+    spinner.burst()  # the loop's next requests, while the lock goes on
+    spinner.on_request(bulk=False)
+    assert spent(0.3) < 0.02 and not spinner.holding
+    spinner.rest()
 
 
 @needs_two_cpus

@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 import threading
 import time
+from types import SimpleNamespace
 
+from kryptvault.fs.commit import CommitScheduler
 from kryptvault.session.lock import LockOutcome, LockSequence, LockSteps
 from kryptvault.session.rollback import RollbackDetected, check_rollback
 
@@ -81,6 +83,67 @@ def test_a_slow_commit_does_not_keep_the_mount_but_is_still_waited_for_before_th
     assert rec.events == ["refuse", "take_mount_away", "commit", "record:42", "wipe", "audit:unplug"]
     assert rec.finished[0].commit_late
     assert time.monotonic() - start >= 0.3
+
+
+def _commit_thread() -> CommitScheduler:
+    nothing_dirty = SimpleNamespace(dirty_since=lambda: None, commit=lambda: 0)
+    scheduler = CommitScheduler(nothing_dirty, delay=5.0)
+    scheduler.start()
+    return scheduler
+
+
+def _commit_on_thread_named(rec: Recorder) -> tuple[LockSteps, list[str]]:
+    steps = rec.steps()
+    names: list[str] = []
+    commit = steps.commit
+
+    def named_commit() -> int:
+        names.append(threading.current_thread().name)
+        return commit()
+
+    steps.commit = named_commit
+    return steps, names
+
+
+def test_a_commit_runner_runs_the_commit_without_a_thread_of_the_lock() -> None:
+    rec = Recorder()
+    steps, names = _commit_on_thread_named(rec)
+    scheduler = _commit_thread()
+    threads_before = threading.active_count()
+    try:
+        sequence = LockSequence(steps, commit_deadline=1.0, commit_runner=scheduler.run_soon)
+        assert sequence.trigger("unplug", "uevent")
+        assert threading.active_count() == threads_before  # none started for the lock
+    finally:
+        scheduler.stop()
+    assert names == ["kryptvault-commit"]
+    assert rec.events == ["refuse", "commit", "record:42", "take_mount_away", "wipe", "audit:unplug"]
+
+
+def test_a_runner_that_turns_the_commit_down_leaves_it_to_the_lock_s_own_thread() -> None:
+    rec = Recorder()
+    steps, names = _commit_on_thread_named(rec)
+    scheduler = _commit_thread()
+    scheduler.stop()  # e.g. the FUSE loop ended and stopped it
+    sequence = LockSequence(steps, commit_deadline=1.0, commit_runner=scheduler.run_soon)
+    assert sequence.trigger("unplug", "uevent")
+    assert names == ["kryptvault-lock-commit"]
+    assert rec.events == ["refuse", "commit", "record:42", "take_mount_away", "wipe", "audit:unplug"]
+
+
+def test_a_commit_behind_a_busy_runner_is_late_but_still_waited_for_before_the_wipe() -> None:
+    rec = Recorder()
+    steps, names = _commit_on_thread_named(rec)
+    scheduler = _commit_thread()
+    try:
+        assert scheduler.run_soon(lambda: time.sleep(0.4))  # a background commit in progress
+        sequence = LockSequence(steps, commit_deadline=0.1, commit_runner=scheduler.run_soon)
+        assert sequence.trigger("unplug", "uevent")
+    finally:
+        scheduler.stop()
+    assert rec.events == ["refuse", "take_mount_away", "commit", "record:42", "wipe", "audit:unplug"]
+    (outcome,) = rec.finished
+    assert outcome.commit_late and outcome.generation == 42 and names == ["kryptvault-commit"]
 
 
 def test_a_failing_step_does_not_stop_the_keys_from_being_wiped() -> None:

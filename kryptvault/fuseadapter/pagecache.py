@@ -14,13 +14,16 @@ A store overwrites whatever the page holds (a page on its way to the vault inclu
 it may only land while the file cannot have pages newer than the block: only files not
 changed in this session (no write, truncate, open for writing; not new under a reused
 number) get stores, and nothing may change them between the read and the store. The
-store thread checks that and sends the store
+notification thread checks that and sends the store
 under its lock, naming the inode it works on first. A change never waits for it (a
 store can wait for page locks of reads that only the request loops can serve): it bumps
 the file's version, so no later store of older data lands, and if a store of that file
 is in flight right now, the caller keeps the kernel from caching the change (a direct-I/O
 handle) or has the pages dropped after that store (`stale`, sent under the same lock).
-Notifications run on threads of their own, never on a request loop.
+Notifications run on one thread of their own, never on a request loop: stores and
+drops in the order they were asked for, so a drop queued after a store lands after it.
+One thread, not one per kind (until 2026-12-07): each thread alive at a lock is one more
+for the kernel to end before the daemon is gone (~1 ms each in the TCG guest).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from kryptvault.fuseadapter import wire as w
 
@@ -51,31 +55,24 @@ class PageCacheFeed:
         self._lock = threading.Lock()
         self._writers: dict[int, int] = {}  # inode -> handles open for writing
         self._versions: dict[int, int] = {}
-        self._storing: int | None = None  # the inode the store thread holds the lock for
+        self._storing: int | None = None  # the inode a store is being sent for, under the lock
         # Files changed in this session (written, truncated, opened for writing, or new)
         # get no more stores: the kernel may hold newer pages of them (dirty, or clean
         # but still on their way to the vault), which a store would overwrite.
         self._changed: set[int] = set()
         self._count_lock = threading.Lock()
-        self._stores: queue.Queue[tuple[int, int, int, int, bytes, int, int] | None] = queue.Queue(
-            STORE_QUEUE
-        )
-        # (inode, offset, length, set once sent); None ends the thread
-        self._stale: queue.SimpleQueue[tuple[int, int, int, threading.Event | None] | None] = (
-            queue.SimpleQueue()
-        )
-        self._stale_ended = False
+        # Stores and drops, in order; None ends the thread. Stores queued but not sent are
+        # bounded (a thread that is behind drops offers); drops never are.
+        self._work: queue.SimpleQueue[_Store | _Drop | None] = queue.SimpleQueue()
+        self._stores_queued = 0
+        self._ended = False
 
     def threads(self) -> list[threading.Thread]:
-        return [
-            threading.Thread(target=self._store_loop, name="kryptvault-store", daemon=True),
-            threading.Thread(target=self._stale_loop, name="kryptvault-inval", daemon=True),
-        ]
+        return [threading.Thread(target=self._run, name="kryptvault-notify", daemon=True)]
 
     def stop(self) -> None:
         self.stores = False
-        self._stores.put(None)
-        self._stale.put(None)
+        self._work.put(None)
 
     @contextlib.contextmanager
     def quiet(self) -> Iterator[None]:
@@ -89,7 +86,7 @@ class PageCacheFeed:
         writes (see content_changing)."""
         if not writable:
             return False
-        # Counted before the check, so the store thread skips this file from now on.
+        # Counted before the check, so the notification thread skips this file from now on.
         with self._count_lock:
             self._writers[ino] = self._writers.get(ino, 0) + 1
         return self.content_changing(ino)
@@ -108,7 +105,7 @@ class PageCacheFeed:
         must keep the change out of the page cache, or drop the pages with `stale`.
 
         Lock-free on purpose. The version goes up before `_storing` is read, and the
-        store thread names its inode before it reads the version (both under the GIL,
+        notification thread names its inode before it reads the version (both under the GIL,
         so in order): either it sees the new version and skips, or this sees it busy."""
         with self._count_lock:
             self._changed.add(ino)
@@ -128,60 +125,64 @@ class PageCacheFeed:
         reader, the rest may go to the page cache."""
         if lo == 0 and hi >= len(block):
             return
-        # Full: the store thread is behind; a later miss reads the block again.
-        with contextlib.suppress(queue.Full):
-            self._stores.put_nowait((ino, version, self._generation(ino), start, block, lo, hi))
+        with self._count_lock:
+            if self._stores_queued >= STORE_QUEUE:
+                return  # the thread is behind: a later miss reads the block again
+            self._stores_queued += 1
+        self._work.put(_Store(ino, version, self._generation(ino), start, block, lo, hi))
 
-    def _store_loop(self) -> None:
-        pack = w.NOTIFY_STORE_OUT.pack
-        while True:
-            item = self._stores.get()
-            if item is None or not self.stores:
-                return
-            ino, version, generation, start, block, lo, hi = item
-            with self._lock:
-                self._storing = ino
-                try:
-                    if (
-                        self.paused
-                        or ino in self._changed
-                        or ino in self._writers
-                        or self._versions.get(ino, 0) != version
-                        or self._generation(ino) != generation
-                    ):
-                        continue
-                    view = memoryview(block)
-                    if lo > 0:
-                        self._notify(w.NOTIFY_STORE, [pack(ino, start, lo, 0), view[:lo]])
-                    if hi < len(block):
-                        rest: list[bytes | memoryview] = [
-                            pack(ino, start + hi, len(block) - hi, 0),
-                            view[hi:],
-                        ]
-                        self._notify(w.NOTIFY_STORE, rest)
-                finally:
-                    self._storing = None
+    def _store(self, item: _Store) -> None:
+        with self._count_lock:
+            self._stores_queued -= 1
+        if not self.stores:
+            return
+        ino = item.ino
+        with self._lock:
+            self._storing = ino
+            try:
+                if (
+                    self.paused
+                    or ino in self._changed
+                    or ino in self._writers
+                    or self._versions.get(ino, 0) != item.version
+                    or self._generation(ino) != item.generation
+                ):
+                    return
+                pack = w.NOTIFY_STORE_OUT.pack
+                block, lo, hi, start = item.block, item.lo, item.hi, item.start
+                view = memoryview(block)
+                if lo > 0:
+                    self._notify(w.NOTIFY_STORE, [pack(ino, start, lo, 0), view[:lo]])
+                if hi < len(block):
+                    rest: list[bytes | memoryview] = [
+                        pack(ino, start + hi, len(block) - hi, 0),
+                        view[hi:],
+                    ]
+                    self._notify(w.NOTIFY_STORE, rest)
+            finally:
+                self._storing = None
 
     # ------------------------------------------------------------------ stale pages
     def stale(self, ino: int, offset: int, length: int) -> None:
         """Drop `ino`'s cached pages in the range (length 0: to the end), after any store
         in flight."""
-        self._stale.put((ino, offset, length, None))
+        self._work.put(_Drop(ino, offset, length, None))
 
     def drop_pages(self, inodes: list[int]) -> threading.Event:
         """Have the kernel write back the dirty pages of `inodes` (WRITE requests to the
         request loops) and drop all their pages; the event is set once every inode was
         done, or the thread has ended (the channel is closing: nothing is left to drop).
         A lock waits for it with a timeout, which is why this runs on a thread at all;
-        a thread started at lock time took 6-21 ms to run (the TCG guest, 20 pulls)."""
+        a thread started at lock time took 6-21 ms to run (the TCG guest, 20 pulls). The
+        lock has paused the stores first: the drops wait for at most the one in flight."""
         done = threading.Event()
         if not inodes:
             done.set()
             return done
         for ino in inodes[:-1]:
-            self._stale.put((ino, 0, 0, None))
-        self._stale.put((inodes[-1], 0, 0, done))
-        if self._stale_ended:  # checked after the put: see _stale_loop's end
+            self._work.put(_Drop(ino, 0, 0, None))
+        self._work.put(_Drop(inodes[-1], 0, 0, done))
+        if self._ended:  # checked after the put: see _run's end
             done.set()
         return done
 
@@ -197,22 +198,44 @@ class PageCacheFeed:
         if err not in (0, errno.ENOENT):  # ENOENT: the kernel no longer has the inode
             log.debug("invalidating inode %d: errno %d", ino, err)
 
-    def _stale_loop(self) -> None:
+    def _drop(self, item: _Drop) -> None:
+        with self._lock:  # after the store in flight, if any
+            self._invalidate(item.ino, item.offset, item.length)
+        if item.done is not None:
+            item.done.set()
+
+    def _run(self) -> None:
         while True:
-            item = self._stale.get()
+            item = self._work.get()
             if item is None:
                 break
-            ino, offset, length, done = item
-            with self._lock:  # after the store in flight, if any
-                self._invalidate(ino, offset, length)
-            if done is not None:
-                done.set()
+            if isinstance(item, _Store):
+                self._store(item)
+            else:
+                self._drop(item)
         # Set before the queue is emptied: whoever queues after this sees it.
-        self._stale_ended = True
+        self._ended = True
         while True:
             try:
-                item = self._stale.get_nowait()
+                item = self._work.get_nowait()
             except queue.Empty:
                 return
-            if item is not None and item[3] is not None:
-                item[3].set()
+            if isinstance(item, _Drop) and item.done is not None:
+                item.done.set()
+
+
+class _Store(NamedTuple):
+    ino: int
+    version: int
+    generation: int
+    start: int
+    block: bytes
+    lo: int
+    hi: int
+
+
+class _Drop(NamedTuple):
+    ino: int
+    offset: int
+    length: int
+    done: threading.Event | None  # set once sent

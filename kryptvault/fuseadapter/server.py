@@ -354,6 +354,8 @@ class FuseServer(Requests):
         connection ends what is still waiting)."""
         self._draining = True
         self.feed.paused = True
+        if self.spinner is not None:
+            self.spinner.halt()
         if not self.writeback:
             return True
         return self.feed.drop_pages(self.open_inodes()).wait(timeout)

@@ -65,6 +65,8 @@ LOCK_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 # Writing back the kernel's dirty pages at a lock: bounded by the FUSE mount's strict
 # dirty limit, so normally milliseconds; past this the lock goes on (and says so).
 DRAIN_TIMEOUT = 10.0
+# How often the holds of backups that died without releasing them are looked for.
+HOLD_REAP_INTERVAL = 1.0
 
 
 class MountSession:
@@ -108,6 +110,7 @@ class MountSession:
                 unsaved_bytes=self._unsaved_bytes,
             ),
             commit_deadline=settings.lock_deadline_ms / 1000,
+            commit_runner=self._run_on_commit_thread,
         )
         self._idle_deadline: float | None = None
         self.backup_after_lock = False
@@ -314,44 +317,60 @@ class MountSession:
             self._recorded = generation
             return True
 
-    def _follow_generation(self) -> None:
-        """Keep the token's record close behind the commits while the token is present,
-        so that a lock by unplugging (which cannot write to the token) leaves it current."""
-        last_write = 0.0
-        while not self.lock.locked:
+    def _chores(self) -> None:
+        """The daemon's unhurried duties, on one thread: every thread alive at a lock is
+        one more for the kernel to end before the process is gone (~1 ms each in the TCG
+        guest's unplug test, where these were three threads until 2026-12-07). A duty that
+        fails is logged and tried again at its next turn; the others go on."""
+        last_record, last_reap = 0.0, time.monotonic()
+        while True:
             time.sleep(RECORD_POLL)
-            store = self.store
-            if store is None or self.lock.locked:
+            if self.lock.locked:
                 return
-            generation = store.generation
-            behind = generation > self._recorded_local or (
-                self.token is not None and generation > self._recorded
-            )
-            if not behind or time.monotonic() - last_write < RECORD_INTERVAL:
-                continue
-            last_write = time.monotonic()
-            try:
-                self._record_generation(generation)
-            except Exception:
-                log.exception("recording the generation failed")
+            now = time.monotonic()
+            if now - last_reap >= HOLD_REAP_INTERVAL:
+                last_reap = now
+                self._chore(self._reap_holds)
+            if self._may_record() and now - last_record >= RECORD_INTERVAL and self._records_behind():
+                last_record = now
+                self._chore(lambda: self._record_generation(self._current_generation()))
+            if self.settings.idle_lock_minutes and self._idle_expired():
+                self.trigger_lock("idle", "timer")
+                return
+
+    @staticmethod
+    def _chore(duty: Callable[[], object]) -> None:
+        try:
+            duty()
+        except Exception:
+            log.exception("a background duty of the mount failed")
+
+    def _may_record(self) -> bool:
+        return not self.settings.read_only and self.store is not None
+
+    def _current_generation(self) -> int:
+        assert self.store is not None
+        return self.store.generation
+
+    def _records_behind(self) -> bool:
+        """Whether the rollback records (local, and the token's) lag the commits: kept
+        close behind while the token is present, so that a lock by unplugging (which
+        cannot write to the token) leaves them current."""
+        generation = self._current_generation()
+        return generation > self._recorded_local or (self.token is not None and generation > self._recorded)
 
     def run(self) -> int:
         """Serve until a lock; returns only if the lock did not end the process."""
         assert self.fs is not None
         signal.pthread_sigmask(signal.SIG_BLOCK, LOCK_SIGNALS)  # before any thread starts
         threading.Thread(target=self._wait_for_signals, name="kryptvault-signals", daemon=True).start()
-        self.lock.start()
         self._start_control()
-        threading.Thread(target=self._reap_holds, name="kryptvault-holds", daemon=True).start()
-        if not self.settings.read_only:
-            threading.Thread(target=self._follow_generation, name="kryptvault-record", daemon=True).start()
+        threading.Thread(target=self._chores, name="kryptvault-chores", daemon=True).start()
         if self.token is not None:
             self.watcher = TokenWatcher(
                 self.token, lambda route: self.trigger_lock("unplug", route), on_event=self._token_event
             )
             self.watcher.start()
-        if self.settings.idle_lock_minutes:
-            threading.Thread(target=self._idle_watch, name="kryptvault-idle", daemon=True).start()
         self.audit.append(
             "mount",
             vault=str(self.vault_uuid),
@@ -427,15 +446,10 @@ class MountSession:
                     return
         self.audit.append_entries([entry])
 
-    def _idle_watch(self) -> None:
-        assert self.fs is not None and self.settings.idle_lock_minutes
-        limit = self.settings.idle_lock_minutes * 60
-        while not self.lock.locked:
-            idle = time.monotonic() - self.fs.last_activity
-            if idle >= limit:
-                self.trigger_lock("idle", "timer")
-                return
-            time.sleep(min(5.0, limit - idle))
+    def _idle_expired(self) -> bool:
+        minutes = self.settings.idle_lock_minutes
+        assert self.fs is not None and minutes
+        return time.monotonic() - self.fs.last_activity >= minutes * 60
 
     # ------------------------------------------------------------------ control API
     def _start_control(self) -> None:
@@ -529,16 +543,14 @@ class MountSession:
     def _reap_holds(self) -> None:
         """A backup killed mid-way never releases its hold: release holds of dead processes,
         so freed space does not stay blocked until the next lock."""
-        while not self.lock.locked:
-            time.sleep(1.0)
-            with self._holds_lock:
-                dead = [pid for pid in self._holds if not Path(f"/proc/{pid}").exists()]
-                for pid in dead:
-                    self._holds.remove(pid)
+        with self._holds_lock:
+            dead = [pid for pid in self._holds if not Path(f"/proc/{pid}").exists()]
             for pid in dead:
-                if self.store is not None:
-                    self.store.release_reuse()
-                self.audit.append("backup_hold_expired", vault=str(self.vault_uuid), pid=pid)
+                self._holds.remove(pid)
+        for pid in dead:
+            if self.store is not None:
+                self.store.release_reuse()
+            self.audit.append("backup_hold_expired", vault=str(self.vault_uuid), pid=pid)
 
     @property
     def backup_holds(self) -> int:
@@ -564,6 +576,12 @@ class MountSession:
             self.fs.seal()
         timings.lap("seal")
 
+    def _run_on_commit_thread(self, job: Callable[[], None]) -> bool:
+        """The lock's commit goes to the thread that commits in the background (it starts
+        when the kernel connects, so a lock before that starts a thread of its own)."""
+        scheduler = self.operations.scheduler if self.operations is not None else None
+        return scheduler is not None and scheduler.run_soon(job)
+
     def _needs_commit(self) -> bool:
         return self.fs is not None and self.fs.has_unsaved_changes()
 
@@ -574,7 +592,7 @@ class MountSession:
     def _record_generation_at_lock(self, generation: int) -> bool:
         outcome = self.lock.outcome
         # After an unplug the token has just left; asking it costs time and cannot work:
-        # its record is at most one RECORD_INTERVAL behind (_follow_generation).
+        # its record is at most one RECORD_INTERVAL behind (_chores).
         # The local record waits too: its fsync would delay taking the mount away.
         if outcome is not None and outcome.reason == "unplug":
             return False
