@@ -1,5 +1,5 @@
 """bench/census.py counts the FUSE requests a daemon reads while files are created; the
-README's round-trip figures come from it, so its reading of an strace log is checked
+docs/PERFORMANCE.md's round-trip figures come from it, so its reading of an strace log is checked
 here on a log of the shapes strace writes (no tracing: strace is a benchmark tool, not
 installed by the set-up)."""
 

@@ -236,7 +236,7 @@ _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not
 # cache take 2 MiB folios; on a VM that reports free memory to its hypervisor (virtio
 # free page reporting, order 9) those come from discarded memory and cost ~20 µs per
 # page to fault back in: 4 MiB pwrites into a new file ran at ~160 MB/s there, 1 MiB
-# ones at 1.5-4.6 GB/s (the README's performance section).
+# ones at 1.5-4.6 GB/s (measured on this project's 2-core VM).
 _PWRITE_MAX = 1 << 20
 # How far ahead of a sequential read the kernel is asked to fetch a stream's blocks:
 # 2 MiB (the FUSE kernel side reads 128 KiB at a time, ahead of the application; a
