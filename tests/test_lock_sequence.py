@@ -85,6 +85,10 @@ def test_a_slow_commit_does_not_keep_the_mount_but_is_still_waited_for_before_th
     assert time.monotonic() - start >= 0.3
 
 
+IN_ORDER = ["refuse", "commit", "record:42", "take_mount_away", "wipe", "audit:unplug"]
+COMMIT_LATE = ["refuse", "take_mount_away", "commit", "record:42", "wipe", "audit:unplug"]
+
+
 def _commit_thread() -> CommitScheduler:
     nothing_dirty = SimpleNamespace(dirty_since=lambda: None, commit=lambda: 0)
     scheduler = CommitScheduler(nothing_dirty, delay=5.0)
@@ -117,7 +121,7 @@ def test_a_commit_runner_runs_the_commit_without_a_thread_of_the_lock() -> None:
     finally:
         scheduler.stop()
     assert names == ["kryptvault-commit"]
-    assert rec.events == ["refuse", "commit", "record:42", "take_mount_away", "wipe", "audit:unplug"]
+    assert rec.events == IN_ORDER
 
 
 def test_a_runner_that_turns_the_commit_down_leaves_it_to_the_lock_s_own_thread() -> None:
@@ -128,7 +132,7 @@ def test_a_runner_that_turns_the_commit_down_leaves_it_to_the_lock_s_own_thread(
     sequence = LockSequence(steps, commit_deadline=1.0, commit_runner=scheduler.run_soon)
     assert sequence.trigger("unplug", "uevent")
     assert names == ["kryptvault-lock-commit"]
-    assert rec.events == ["refuse", "commit", "record:42", "take_mount_away", "wipe", "audit:unplug"]
+    assert rec.events == IN_ORDER
 
 
 def test_a_commit_behind_a_busy_runner_is_late_but_still_waited_for_before_the_wipe() -> None:
@@ -141,7 +145,7 @@ def test_a_commit_behind_a_busy_runner_is_late_but_still_waited_for_before_the_w
         assert sequence.trigger("unplug", "uevent")
     finally:
         scheduler.stop()
-    assert rec.events == ["refuse", "take_mount_away", "commit", "record:42", "wipe", "audit:unplug"]
+    assert rec.events == COMMIT_LATE
     (outcome,) = rec.finished
     assert outcome.commit_late and outcome.generation == 42 and names == ["kryptvault-commit"]
 
