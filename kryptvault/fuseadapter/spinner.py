@@ -242,9 +242,7 @@ class CpuSpinner:
         more; its next `rest` (at once while a lock drains) lets go of it, and no burst
         follows."""
         self._halted = True
-        if self._holding:
-            self._holding = False
-            self._unlock_fn(self._ref)
+        self.rest()
 
     def close(self) -> None:
         """End the helper (end of file on its pipe); not waited for: at idle priority it

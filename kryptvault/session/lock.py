@@ -14,7 +14,6 @@ shows where its time went (tests/test_e2e_unplug.py prints them per step).
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -72,7 +71,7 @@ class LockSequence:
     """`commit_runner`, if given, hands the commit to a thread that is already waiting
     (the filesystem's commit scheduler) and says whether it took it; the sequence then
     needs no thread of its own, one fewer for the daemon's exit to end (~1 ms each in the
-    TCG guest). When it cannot (no such thread yet), the sequence's own thread runs it."""
+    TCG guest). When it cannot (no such thread yet), a thread started then runs it."""
 
     def __init__(
         self,
@@ -86,21 +85,6 @@ class LockSequence:
         self._latch = threading.Lock()
         self._locked = False
         self.outcome: LockOutcome | None = None
-        self._commit_jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._committer: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Start the thread the commit runs on (a thread of its own, for the deadline) ahead
-        of the lock: a thread started at lock time took 6-21 ms to run in the TCG guest,
-        whose request loops hold the GIL then (the drain's, measured over 20 pulls). Call
-        it once the process has blocked the signals a lock thread waits for: the new thread
-        inherits that mask, and a thread without it would take those signals instead.
-        With a `commit_runner` it is started only if the runner turns the commit down."""
-        if self._committer is None:
-            self._committer = threading.Thread(
-                target=self._run_commit_jobs, name="kryptvault-lock-commit", daemon=True
-            )
-            self._committer.start()
 
     @property
     def locked(self) -> bool:
@@ -154,8 +138,10 @@ class LockSequence:
                 done.set()
 
         if self._commit_runner is None or not self._commit_runner(commit):
-            self.start()  # a no-op once the session started it
-            self._commit_jobs.put(commit)
+            # A thread started now took 6-21 ms to run in the TCG guest (the request loops
+            # hold the GIL then), hence the runner's waiting thread whenever there is one.
+            # It inherits the lock thread's signal mask (the lock signals blocked).
+            threading.Thread(target=commit, name="kryptvault-lock-commit", daemon=True).start()
         if done.wait(self._deadline):
             self._after_commit(outcome, steps)
             self._step(outcome, "take_mount_away", steps.take_mount_away)
@@ -166,10 +152,6 @@ class LockSequence:
             self._after_commit(outcome, steps)
         self._step(outcome, "wipe", steps.wipe)
         self._step(outcome, "audit", lambda: steps.audit(outcome))
-
-    def _run_commit_jobs(self) -> None:
-        while True:
-            self._commit_jobs.get()()
 
     def _after_commit(self, outcome: LockOutcome, steps: LockSteps) -> None:
         """The commit is over (in time or late): note it, then record its generation."""

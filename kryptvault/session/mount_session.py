@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -331,9 +332,10 @@ class MountSession:
             if now - last_reap >= HOLD_REAP_INTERVAL:
                 last_reap = now
                 self._chore(self._reap_holds)
-            if self._may_record() and now - last_record >= RECORD_INTERVAL and self._records_behind():
+            generation = self._unrecorded_generation()
+            if generation is not None and now - last_record >= RECORD_INTERVAL:
                 last_record = now
-                self._chore(lambda: self._record_generation(self._current_generation()))
+                self._chore(functools.partial(self._record_generation, generation))
             if self.settings.idle_lock_minutes and self._idle_expired():
                 self.trigger_lock("idle", "timer")
                 return
@@ -345,19 +347,17 @@ class MountSession:
         except Exception:
             log.exception("a background duty of the mount failed")
 
-    def _may_record(self) -> bool:
-        return not self.settings.read_only and self.store is not None
-
-    def _current_generation(self) -> int:
-        assert self.store is not None
-        return self.store.generation
-
-    def _records_behind(self) -> bool:
-        """Whether the rollback records (local, and the token's) lag the commits: kept
-        close behind while the token is present, so that a lock by unplugging (which
-        cannot write to the token) leaves them current."""
-        generation = self._current_generation()
-        return generation > self._recorded_local or (self.token is not None and generation > self._recorded)
+    def _unrecorded_generation(self) -> int | None:
+        """The committed generation if the rollback records (local, and the token's) lag
+        it, else None: kept close behind while the token is present, so that a lock by
+        unplugging (which cannot write to the token) leaves them current."""
+        store = self.store
+        if self.settings.read_only or store is None:
+            return None
+        generation = store.generation
+        if generation > self._recorded_local or (self.token is not None and generation > self._recorded):
+            return generation
+        return None
 
     def run(self) -> int:
         """Serve until a lock; returns only if the lock did not end the process."""
